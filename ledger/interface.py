@@ -1,0 +1,142 @@
+"""What the coordinator sees of the ledger: accounts, mints, holds and settlements.
+
+Amounts are integers in micro-units (1 credit = 1,000,000 micro-units). Every balance change is
+a double entry that debits one account and credits another, so all balances always sum to zero;
+only the issuance account may go negative, and only through mints.
+
+A buyer's request first *holds* its maximum cost (buyer -> escrow), then *settles* exactly once:
+escrow -> miner (its share), escrow -> fee (the operator's), escrow -> buyer (the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+MICRO_PER_CREDIT = 1_000_000
+
+
+class AccountKind(StrEnum):
+    ISSUANCE = "issuance"  # source of all credits; the only account that may be negative
+    ESCROW = "escrow"  # holds of requests in flight
+    FEE = "fee"  # the operator's take
+    BUYER = "buyer"  # one per API key
+    MINER = "miner"  # one per miner identity key
+
+
+@dataclass(frozen=True, order=True)
+class AccountRef:
+    """Names an account. System accounts (issuance, escrow, fee) have an empty owner."""
+
+    kind: AccountKind  # what the account is for
+    owner: str = ""  # API key id for buyers, hex public key for miners, "" for system accounts
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.owner}" if self.owner else str(self.kind)
+
+
+ISSUANCE = AccountRef(AccountKind.ISSUANCE)
+ESCROW = AccountRef(AccountKind.ESCROW)
+FEE = AccountRef(AccountKind.FEE)
+
+
+@dataclass(frozen=True)
+class AccountBalance:
+    account: AccountRef  # which account
+    balance: int  # micro-units; negative only for issuance
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An open reservation of a buyer's funds; settled or released exactly once."""
+
+    hold_id: int  # ledger-assigned identifier
+    buyer: AccountRef  # whose funds are held
+    amount: int  # micro-units moved from the buyer to escrow
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How a hold was closed."""
+
+    hold_id: int  # the hold this closed
+    charged: int  # what the buyer paid: miner_credit + fee
+    miner_credit: int  # credited to the miner
+    fee: int  # credited to the operator's fee account
+    released: int  # returned to the buyer: hold amount - charged
+
+
+class LedgerError(Exception):
+    """Root of ledger failures.
+
+    LedgerError
+    ├── InvalidAmountError       an amount is negative, zero where not allowed, or too large
+    ├── UnknownAccountError      the account was never opened
+    ├── InsufficientFundsError   the buyer's balance does not cover the hold
+    └── HoldClosedError          the hold does not exist, or was already settled or released
+    """
+
+
+class InvalidAmountError(LedgerError):
+    """An amount is negative, zero where not allowed, or larger than the hold it closes."""
+
+
+class UnknownAccountError(LedgerError):
+    """The account was never opened."""
+
+
+class InsufficientFundsError(LedgerError):
+    """The buyer's balance does not cover the hold."""
+
+    def __init__(self, account: AccountRef, *, needed: int, available: int) -> None:
+        super().__init__(f"{account} has {available} micro-units, {needed} needed")
+        self.account = account
+        self.needed = needed
+        self.available = available
+
+
+class HoldClosedError(LedgerError):
+    """The hold does not exist, or was already settled or released."""
+
+
+class Ledger(Protocol):
+    """The ledger as the coordinator uses it. All methods are safe under concurrency."""
+
+    async def open_account(self, account: AccountRef) -> None:
+        """Creates the account with a zero balance; does nothing if it exists."""
+        ...
+
+    async def mint(self, account: AccountRef, amount: int, *, memo: str = "") -> None:
+        """Issues ``amount`` new micro-units into ``account`` (issuance -> account)."""
+        ...
+
+    async def hold(self, buyer: AccountRef, amount: int, *, reference: bytes) -> Hold:
+        """Moves ``amount`` from ``buyer`` to escrow, atomically checking the balance.
+
+        Raises InsufficientFundsError rather than letting any balance go below zero, also when
+        many holds race. ``reference`` (32 bytes) ties the hold to its request.
+        """
+        ...
+
+    async def settle(
+        self, hold: Hold, *, miner: AccountRef, miner_credit: int, fee: int, reference: bytes
+    ) -> Settlement:
+        """Closes ``hold``: pays the miner and the fee from escrow, returns the rest to the buyer.
+
+        ``miner_credit + fee`` must not exceed the held amount; zero is allowed. Raises
+        HoldClosedError when the hold was already closed. ``reference`` is the job receipt hash.
+        """
+        ...
+
+    async def release(self, hold: Hold) -> Settlement:
+        """Closes ``hold`` returning everything to the buyer (nothing was delivered)."""
+        ...
+
+    async def balance(self, account: AccountRef) -> int:
+        """The account's balance in micro-units. Raises UnknownAccountError."""
+        ...
+
+    async def balances(self) -> list[AccountBalance]:
+        """Every account's balance, ordered by account."""
+        ...

@@ -1,0 +1,90 @@
+"""The narrow boundary between the miner daemon and whatever runs the model.
+
+The daemon only sees :class:`Engine`. The torch + transformers engine lives in
+``miner.engine.torch_engine``; an adapter for an external engine (vLLM, llama.cpp) implements
+the same protocol. Engines generate from token ids: they never see text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token; see ``miner.sampler`` for the exact reference procedure."""
+
+    temperature: float = 1.0  # 0 is greedy argmax
+    top_p: float = 1.0  # 1.0 disables nucleus sampling
+    top_k: int = 0  # 0 disables top-k
+    max_tokens: int = 16  # generated tokens, stop token included
+    seed: int = 0  # keys the Gumbel noise with the job id and the position
+    stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One job for an engine."""
+
+    job_id: str  # part of the noise key, so two jobs with the same seed differ
+    prompt_token_ids: Sequence[int]  # already tokenized by the coordinator
+    sampling: SamplingParams  # the coordinator's sampling parameters
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    """One sampled token."""
+
+    token_id: int  # the chosen token
+    logprob: float  # log-softmax of the fp32 logits at temperature 1, for the chosen token
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an engine serves; the daemon announces it in Hello."""
+
+    name: str  # the catalog name the coordinator knows the model by
+    weights_sha256: bytes  # proto.weights_digest.weights_sha256 of the model directory
+    vocab_size: int  # logits width; token ids are in [0, vocab_size)
+    context_length: int  # prompt + generated tokens may not exceed this
+    dtype: str  # compute dtype, e.g. "float32"
+    device: str  # e.g. "cpu" or "cuda:0"
+    engine: str  # engine implementation and version, e.g. "torch-transformers/2.13.0"
+
+
+class EngineError(Exception):
+    """Root of engine failures.
+
+    EngineError
+    ├── ModelLoadError     the model directory is missing, incomplete or unsupported
+    └── GenerationError    a request could not be served (e.g. prompt longer than the context)
+    """
+
+
+class ModelLoadError(EngineError):
+    """The model directory is missing, incomplete or unsupported."""
+
+
+class GenerationError(EngineError):
+    """A request could not be served."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Runs one model. Implementations are async context managers that free the model on exit."""
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model this engine serves."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GeneratedToken]:
+        """Yields tokens as they are produced.
+
+        Ends after a stop token, after ``max_tokens`` tokens, or at the context length.
+        Closing the iterator early (``aclose()``) cancels generation promptly. Many calls may
+        run at once; the engine decides how to share the device.
+        """
+        ...
