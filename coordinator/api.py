@@ -1,0 +1,118 @@
+"""What the HTTP layer sees of the coordinator: an :class:`InferenceService`.
+
+The HTTP layer parses and validates OpenAI-shaped JSON into a :class:`CompletionRequest`, asks
+the service, and renders :class:`TextDelta` events as JSON or SSE. It knows nothing of miners,
+gRPC or the ledger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Buyer:
+    """An authenticated API key."""
+
+    key_id: str  # public identifier of the key (never the secret)
+    name: str  # the operator's label for the key
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]  # who said it
+    content: str  # plain text
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated request; exactly one of ``messages`` (chat) and ``prompt`` is set."""
+
+    model: str  # catalog name
+    messages: tuple[ChatMessage, ...] | None  # chat: rendered with the model's chat template
+    prompt: str | None  # plain completion: tokenized as is
+    max_tokens: int | None  # None: as many as the context and the balance allow
+    temperature: float  # 0 is greedy
+    top_p: float  # in (0, 1]
+    seed: int | None  # None: the coordinator picks one
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New output: text decoded so far minus text already sent, and the tokens behind it."""
+
+    text: str  # may be "" while a multi-byte character is incomplete
+    token_count: int  # tokens this delta accounts for
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int  # counted by the coordinator's own tokenizer
+    completion_tokens: int  # tokens delivered to the buyer
+    cost: int  # micro-units charged to the buyer
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A model as listed by GET /v1/models."""
+
+    name: str  # catalog name
+    context_length: int  # prompt + completion tokens
+    input_price_per_mtok: int  # micro-units per million prompt tokens
+    output_price_per_mtok: int  # micro-units per million completion tokens
+    miners: int  # miners connected and serving it now
+    created: int  # unix time the catalog entry was loaded
+
+
+class Completion(Protocol):
+    """A running completion. Iterate for deltas; ``finish_reason`` and ``usage`` are final after.
+
+    Iteration raises :class:`coordinator.errors.UpstreamError` when the miner fails mid-stream.
+    A delta counts as delivered once the consumer asks for the next one (or iteration ends), so
+    a consumer that stops early is billed only for what it took.
+    """
+
+    id: str  # "chatcmpl-..." / "cmpl-..." style identifier
+    model: str  # catalog name
+    created: int  # unix time
+    prompt_tokens: int  # counted by the coordinator
+
+    def __aiter__(self) -> AsyncIterator[TextDelta]: ...
+
+    @property
+    def finish_reason(self) -> FinishReason | None: ...
+
+    @property
+    def usage(self) -> Usage: ...
+
+
+class InferenceService(Protocol):
+    """The coordinator as the HTTP layer uses it."""
+
+    async def authenticate(self, api_key: str) -> Buyer:
+        """Raises AuthenticationError for a missing, unknown or revoked key."""
+        ...
+
+    async def models(self) -> list[ModelCard]:
+        """The catalog, with live miner counts."""
+        ...
+
+    def complete(
+        self, buyer: Buyer, request: CompletionRequest
+    ) -> AbstractAsyncContextManager[Completion]:
+        """Starts a completion.
+
+        Entering tokenizes, holds the maximum cost and waits for the first token, so every
+        error that can happen before output (RequestError, NoMinerAvailableError) is raised
+        here, before any response is sent. Leaving settles: the buyer pays for delivered tokens.
+        """
+        ...
