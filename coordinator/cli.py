@@ -1,0 +1,202 @@
+"""`meshmint-coordinator`: run the coordinator and administer keys and credits.
+
+Environment variables are read here and nowhere else:
+MESHMINT_DATA_DIR (default ~/.meshmint/coordinator) and MESHMINT_DATABASE_URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from coordinator.config import CatalogSource, CoordinatorConfig
+from coordinator.dispatch import DispatchConfig
+from coordinator.keys import KeyStore
+from coordinator.server import run_coordinator
+from coordinator.service import BillingConfig
+from ledger.database import connect
+from ledger.interface import AccountKind, AccountRef, LedgerError
+from ledger.money import format_credits, parse_credits
+from ledger.postgres import PostgresLedger
+
+logger = logging.getLogger(__name__)
+
+
+class UsageError(Exception):
+    """A bad command-line value; reported in one line, exit status 2."""
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _price(text: str) -> int:
+    try:
+        return parse_credits(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshmint-coordinator", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def storage(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--data-dir", type=Path, help="state directory (embedded PostgreSQL)")
+        sub.add_argument("--database-url", help="use this PostgreSQL instead of the embedded one")
+
+    serve = commands.add_parser("serve", help="run the coordinator")
+    storage(serve)
+    serve.add_argument("--http", type=_address, default=("127.0.0.1", 8000), metavar="HOST:PORT")
+    serve.add_argument("--grpc", type=_address, default=("127.0.0.1", 50051), metavar="HOST:PORT")
+    models = serve.add_mutually_exclusive_group(required=True)
+    models.add_argument("--model", action="append", metavar="NAME=DIR", help="serve a model")
+    models.add_argument("--catalog", type=Path, metavar="FILE", help="TOML model catalog")
+    serve.add_argument(
+        "--input-price", type=_price, default=100_000, metavar="CREDITS",
+        help="credits per million prompt tokens for --model entries (default 0.1)",
+    )
+    serve.add_argument(
+        "--output-price", type=_price, default=300_000, metavar="CREDITS",
+        help="credits per million completion tokens for --model entries (default 0.3)",
+    )
+    serve.add_argument(
+        "--fee-bps", type=int, default=500, help="operator fee in basis points (default 500 = 5%%)"
+    )
+    serve.add_argument(
+        "--first-token-timeout", type=float, default=60.0, metavar="SECONDS",
+        help="skip a miner that produces no token within this time (default 60)",
+    )
+
+    keys = commands.add_parser("keys", help="manage buyers' API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create an API key and print it")
+    storage(create)
+    create.add_argument("--name", required=True, help="a label for the key")
+    create.add_argument("--credits", type=_price, default=0, help="credits to grant (e.g. 10.5)")
+    revoke = key_commands.add_parser("revoke", help="revoke an API key")
+    storage(revoke)
+    revoke.add_argument("key_id")
+
+    credits = commands.add_parser("credits", help="manage buyers' credits")
+    credit_commands = credits.add_subparsers(dest="credits_command", required=True)
+    add = credit_commands.add_parser("add", help="grant credits to an API key")
+    storage(add)
+    add.add_argument("key_id")
+    add.add_argument("amount", type=_price)
+    return parser
+
+
+def _storage(args: argparse.Namespace) -> tuple[Path, str | None]:
+    data_dir = args.data_dir or Path(
+        os.environ.get("MESHMINT_DATA_DIR", Path.home() / ".meshmint" / "coordinator")
+    )
+    return data_dir, args.database_url or os.environ.get("MESHMINT_DATABASE_URL")
+
+
+async def _serve(config: CoordinatorConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with run_coordinator(config) as running:
+        sys.stdout.write(
+            f"meshmint coordinator: buyers http://{config.http_host}:{running.http_port}/v1, "
+            f"miners {config.grpc_host}:{running.grpc_port}\n"
+        )
+        sys.stdout.flush()
+        await stop.wait()
+
+
+async def _with_ledger(
+    args: argparse.Namespace, action: Callable[[KeyStore, PostgresLedger], Awaitable[str]]
+) -> None:
+    data_dir, database_url = _storage(args)
+    async with connect(database_url=database_url, data_dir=data_dir, max_size=2) as pool:
+        ledger = await PostgresLedger.create(pool)
+        keys = await KeyStore.create(pool)
+        sys.stdout.write(await action(keys, ledger) + "\n")
+
+
+async def _create_key(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:
+    key = await keys.issue(args.name)
+    account = AccountRef(AccountKind.BUYER, key.key_id)
+    await ledger.open_account(account)
+    if args.credits:
+        await ledger.mint(account, args.credits, memo=f"initial credits for {args.name}")
+    logger.info("created key %s (%s) with %s credits", key.key_id, args.name,
+                format_credits(args.credits))
+    return key.secret
+
+
+async def _revoke_key(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:
+    if not await keys.revoke(args.key_id):
+        raise UsageError(f"no active key {args.key_id!r}")
+    return f"revoked {args.key_id}"
+
+
+async def _add_credits(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:
+    account = AccountRef(AccountKind.BUYER, args.key_id)
+    await ledger.mint(account, args.amount, memo="credits added by the operator")
+    return f"{args.key_id}: balance {format_credits(await ledger.balance(account))} credits"
+
+
+def _config(args: argparse.Namespace) -> CoordinatorConfig:
+    data_dir, database_url = _storage(args)
+    if not 0 <= args.fee_bps <= 10_000:
+        raise UsageError("--fee-bps must be between 0 and 10000")
+    return CoordinatorConfig(
+        catalog=CatalogSource(
+            model_specs=tuple(args.model or ()),
+            catalog_file=args.catalog,
+            input_price_per_mtok=args.input_price,
+            output_price_per_mtok=args.output_price,
+        ),
+        data_dir=data_dir,
+        database_url=database_url,
+        http_host=args.http[0],
+        http_port=args.http[1],
+        grpc_host=args.grpc[0],
+        grpc_port=args.grpc[1],
+        dispatch=DispatchConfig(first_token_timeout_s=args.first_token_timeout),
+        billing=BillingConfig(fee_bps=args.fee_bps),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(_config(args)))
+        elif args.command == "keys" and args.keys_command == "create":
+            asyncio.run(_with_ledger(args, lambda k, l: _create_key(args, k, l)))
+        elif args.command == "keys":
+            asyncio.run(_with_ledger(args, lambda k, l: _revoke_key(args, k, l)))
+        else:
+            asyncio.run(_with_ledger(args, lambda k, l: _add_credits(args, k, l)))
+    except KeyboardInterrupt:
+        return 130
+    except (UsageError, ValueError, OSError, LedgerError) as error:
+        # ValueError covers catalog and tokenizer errors; OSError unreachable databases/ports.
+        sys.stderr.write(f"meshmint-coordinator: {error}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""The coordinator's configuration, built once by the CLI and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.dispatch import DispatchConfig
+from coordinator.gateway.servicer import GatewayConfig
+from coordinator.service import BillingConfig
+
+
+@dataclass(frozen=True)
+class CatalogSource:
+    """Where the model catalog comes from: --model NAME=DIR specs, or a TOML file."""
+
+    model_specs: tuple[str, ...] = ()  # "NAME=DIR" pairs from --model
+    catalog_file: Path | None = None  # --catalog TOML file; exclusive with model_specs
+    input_price_per_mtok: int = 100_000  # default micro-units per million prompt tokens (0.1 credit)
+    output_price_per_mtok: int = 300_000  # default micro-units per million completion tokens
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    catalog: CatalogSource  # the models this coordinator sells
+    data_dir: Path  # embedded PostgreSQL and other state live under here
+    database_url: str | None = None  # external PostgreSQL; None starts the embedded server
+    http_host: str = "127.0.0.1"  # buyers' OpenAI-compatible API
+    http_port: int = 8000  # 0 lets the OS choose (tests)
+    grpc_host: str = "127.0.0.1"  # miners dial this; use 0.0.0.0 to accept remote miners
+    grpc_port: int = 50051  # 0 lets the OS choose (tests)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)  # miner sessions
+    dispatch: DispatchConfig = field(default_factory=DispatchConfig)  # failover and timeouts
+    billing: BillingConfig = field(default_factory=BillingConfig)  # the operator's fee
+    max_body_bytes: int = 4 * 1024 * 1024  # largest HTTP request body accepted

@@ -1,0 +1,151 @@
+"""One welcomed miner: its announced facts, its outbox, and the jobs it is running.
+
+The gRPC servicer owns the stream; the session is what the rest of the coordinator sees. Events
+for a job (token chunks, the result, a failure, or the loss of the miner) are queued per job so
+that the dispatcher can wait on exactly the job it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proto import miner_pb2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MinerLost:
+    """The miner went away (disconnected, evicted, or violated the protocol)."""
+
+    reason: str  # shown in logs and, mid-stream, to the buyer
+
+
+JobEvent = miner_pb2.TokenChunk | miner_pb2.JobResult | miner_pb2.JobFailure | MinerLost
+
+
+class JobChannel:
+    """Events of one job on one miner, in arrival order."""
+
+    def __init__(self, job: miner_pb2.Job) -> None:
+        self.job = job
+        self.tokens_received = 0
+        self.finished = False
+        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+
+    def put(self, event: JobEvent) -> None:
+        self._events.put_nowait(event)
+
+    async def next_event(self, *, timeout: float) -> JobEvent:
+        """The next event; MinerLost("timed out") when none arrives within ``timeout`` seconds."""
+        try:
+            return await asyncio.wait_for(self._events.get(), timeout)
+        except TimeoutError:
+            return MinerLost(f"no answer from the miner within {timeout:g} s")
+
+
+class MinerSession:
+    """A miner that passed the handshake and may be given jobs."""
+
+    def __init__(
+        self,
+        hello: miner_pb2.Hello,
+        *,
+        miner_id: str,
+        vocab_sizes: Mapping[str, int],
+    ) -> None:
+        self.miner_id = miner_id
+        self.hello = hello
+        self.models = frozenset(model.name for model in hello.models)
+        self.max_concurrency = max(1, hello.max_concurrency)
+        self.connected_at = time.monotonic()
+        self.last_seen = time.monotonic()
+        self.draining = False
+        self.closed_reason: str | None = None
+        self._vocab_sizes = dict(vocab_sizes)
+        self._jobs: dict[str, JobChannel] = {}
+        # None is the end-of-stream marker for the servicer's response generator.
+        self.outbox: asyncio.Queue[miner_pb2.CoordinatorMessage | None] = asyncio.Queue()
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._jobs)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_concurrency - len(self._jobs)
+
+    def accepts(self, model: str) -> bool:
+        return (
+            self.closed_reason is None
+            and not self.draining
+            and model in self.models
+            and self.free_slots > 0
+        )
+
+    def start_job(self, job: miner_pb2.Job) -> JobChannel:
+        channel = JobChannel(job)
+        self._jobs[job.job_id] = channel
+        self.outbox.put_nowait(miner_pb2.CoordinatorMessage(job=job))
+        return channel
+
+    def cancel_job(self, job_id: str) -> None:
+        """Asks the miner to stop a job; its slot frees when the miner answers or goes away."""
+        channel = self._jobs.get(job_id)
+        if channel is not None and not channel.finished and self.closed_reason is None:
+            self.outbox.put_nowait(miner_pb2.CoordinatorMessage(cancel=miner_pb2.CancelJob(job_id=job_id)))
+
+    def forget_job(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+
+    def deliver(self, message: miner_pb2.MinerMessage) -> str | None:
+        """Routes one message from the miner. Returns a protocol violation, or None when fine."""
+        self.last_seen = time.monotonic()
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat":
+            return None
+        if kind == "drain":
+            logger.info("miner %s is draining: %s", self.miner_id[:12], message.drain.reason)
+            self.draining = True
+            return None
+        if kind == "chunk":
+            return self._deliver_chunk(message.chunk)
+        if kind in ("result", "failure"):
+            event = message.result if kind == "result" else message.failure
+            channel = self._jobs.get(event.job_id)
+            if channel is None:
+                return f"{kind} for unknown job {event.job_id!r}"
+            channel.finished = True
+            self._jobs.pop(event.job_id, None)
+            channel.put(event)
+            return None
+        return f"unexpected {kind or 'empty'} message after the handshake"
+
+    def _deliver_chunk(self, chunk: miner_pb2.TokenChunk) -> str | None:
+        channel = self._jobs.get(chunk.job_id)
+        if channel is None:
+            return f"tokens for unknown job {chunk.job_id!r}"
+        if len(chunk.logprobs) != len(chunk.token_ids) or not chunk.token_ids:
+            return "token chunk with mismatched or empty token_ids/logprobs"
+        vocab_size = self._vocab_sizes[channel.job.model]
+        if any(token >= vocab_size for token in chunk.token_ids):
+            return f"token id outside the vocabulary of {channel.job.model} ({vocab_size})"
+        channel.tokens_received += len(chunk.token_ids)
+        if channel.tokens_received > channel.job.sampling.max_tokens:
+            return f"more than max_tokens={channel.job.sampling.max_tokens} tokens"
+        channel.put(chunk)
+        return None
+
+    def close(self, reason: str) -> None:
+        """Ends the session: every job in flight learns the miner is lost."""
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = reason
+        for channel in self._jobs.values():
+            channel.put(MinerLost(reason))
+        self._jobs.clear()
+        self.outbox.put_nowait(None)

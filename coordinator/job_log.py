@@ -1,0 +1,89 @@
+"""A record of every completed job: who asked, who served, what was billed, and the receipt.
+
+Spot checks re-score jobs from here, buyers' usage history reads it, and the receipt hash in
+each row is the reference of the job's ledger settlement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from coordinator.api import Buyer
+from coordinator.completion import RunningCompletion
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS coordinator_jobs (
+    job_id            text PRIMARY KEY,
+    key_id            text NOT NULL,
+    miner_id          text NOT NULL,
+    model             text NOT NULL,
+    prompt_tokens     integer NOT NULL,
+    completion_tokens integer NOT NULL,
+    cost              bigint NOT NULL,
+    finish_reason     text,
+    receipt           bytea,
+    receipt_signature bytea,
+    created_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS coordinator_jobs_key ON coordinator_jobs (key_id, created_at);
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str  # the coordinator's id of the job
+    key_id: str  # the buyer's API key id
+    miner_id: str  # hex public key of the miner that served it
+    model: str  # catalog name
+    prompt_tokens: int  # counted by the coordinator
+    completion_tokens: int  # delivered to the buyer
+    cost: int  # micro-units charged
+    finish_reason: str | None  # "stop", "length", or None when the job did not finish
+    receipt: bytes | None  # serialized miner_pb2.Receipt, when the miner finished the job
+    receipt_signature: bytes | None  # the miner's signature over it
+
+    @classmethod
+    def of(cls, buyer: Buyer, completion: RunningCompletion, *, cost: int) -> JobRecord:
+        verified = completion.verified
+        return cls(
+            job_id=completion.run.job.job_id,
+            key_id=buyer.key_id,
+            miner_id=completion.run.session.miner_id,
+            model=completion.model,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=len(completion.delivered_ids),
+            cost=cost,
+            finish_reason=completion.finish_reason,
+            receipt=verified.receipt.SerializeToString() if verified else None,
+            receipt_signature=verified.signature if verified else None,
+        )
+
+
+class JobLog:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def create(cls, pool: asyncpg.Pool) -> JobLog:
+        async with pool.acquire() as connection:
+            await connection.execute(_SCHEMA)
+        return cls(pool)
+
+    async def record(self, job: JobRecord) -> None:
+        await self._pool.execute(
+            "INSERT INTO coordinator_jobs (job_id, key_id, miner_id, model, prompt_tokens, "
+            "completion_tokens, cost, finish_reason, receipt, receipt_signature) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            job.job_id,
+            job.key_id,
+            job.miner_id,
+            job.model,
+            job.prompt_tokens,
+            job.completion_tokens,
+            job.cost,
+            job.finish_reason,
+            job.receipt,
+            job.receipt_signature,
+        )

@@ -1,0 +1,84 @@
+"""Buyers' API keys. Only a SHA-256 of each secret is stored; the secret is shown once.
+
+Secrets are 256-bit random, so a plain hash is enough (no slow KDF needed: there is nothing
+to brute-force). A key's public id names its ledger account.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+import asyncpg
+
+from coordinator.api import Buyer
+from coordinator.errors import AuthenticationError
+
+_SECRET_PREFIX = "mm-"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS coordinator_api_keys (
+    key_id        text PRIMARY KEY,
+    name          text NOT NULL,
+    secret_sha256 bytea NOT NULL UNIQUE,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    revoked_at    timestamptz
+);
+"""
+
+
+@dataclass(frozen=True)
+class NewKey:
+    key_id: str  # public id; names the buyer's ledger account
+    secret: str  # the bearer token; shown once, never stored
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8")).digest()
+
+
+class KeyStore:
+    """API keys in the coordinator's database."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def create(cls, pool: asyncpg.Pool) -> KeyStore:
+        async with pool.acquire() as connection:
+            await connection.execute(_SCHEMA)
+        return cls(pool)
+
+    async def issue(self, name: str) -> NewKey:
+        key = NewKey(
+            key_id=f"key_{secrets.token_hex(8)}",
+            secret=_SECRET_PREFIX + secrets.token_urlsafe(32),
+        )
+        await self._pool.execute(
+            "INSERT INTO coordinator_api_keys (key_id, name, secret_sha256) VALUES ($1, $2, $3)",
+            key.key_id,
+            name,
+            _digest(key.secret),
+        )
+        return key
+
+    async def revoke(self, key_id: str) -> bool:
+        status = await self._pool.execute(
+            "UPDATE coordinator_api_keys SET revoked_at = now() "
+            "WHERE key_id = $1 AND revoked_at IS NULL",
+            key_id,
+        )
+        return bool(status.endswith(" 1"))
+
+    async def authenticate(self, secret: str) -> Buyer:
+        if not secret.startswith(_SECRET_PREFIX) or len(secret) > 256:
+            raise AuthenticationError("invalid API key")
+        row = await self._pool.fetchrow(
+            "SELECT key_id, name FROM coordinator_api_keys "
+            "WHERE secret_sha256 = $1 AND revoked_at IS NULL",
+            _digest(secret),
+        )
+        if row is None:
+            raise AuthenticationError("invalid API key")
+        return Buyer(key_id=row["key_id"], name=row["name"])

@@ -1,0 +1,43 @@
+"""The miners connected right now, by identity and by the models they serve."""
+
+from __future__ import annotations
+
+import logging
+
+from coordinator.gateway.session import MinerSession
+
+logger = logging.getLogger(__name__)
+
+
+class MinerRegistry:
+    """Welcomed miner sessions. One session per identity key: the newest connection wins."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, MinerSession] = {}
+
+    def add(self, session: MinerSession) -> None:
+        previous = self._sessions.get(session.miner_id)
+        if previous is not None and previous is not session:
+            # The same key proved itself again: the old stream is a leftover (e.g. a restart
+            # faster than eviction). Its jobs fail over like any lost miner's.
+            previous.close("replaced by a newer connection of the same miner")
+        self._sessions[session.miner_id] = session
+
+    def remove(self, session: MinerSession) -> None:
+        if self._sessions.get(session.miner_id) is session:
+            del self._sessions[session.miner_id]
+
+    def sessions(self) -> list[MinerSession]:
+        return list(self._sessions.values())
+
+    def serving(self, model: str) -> list[MinerSession]:
+        """Sessions that serve ``model``, busy or not (draining and closed ones excluded)."""
+        return [
+            session
+            for session in self._sessions.values()
+            if model in session.models and not session.draining and session.closed_reason is None
+        ]
+
+    def available(self, model: str) -> list[MinerSession]:
+        """Sessions that can take a job for ``model`` now."""
+        return [session for session in self._sessions.values() if session.accepts(model)]

@@ -1,0 +1,122 @@
+"""Starting and stopping a whole coordinator: database, ledger, gRPC gateway, HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+
+from coordinator.catalog import Catalog, catalog_from_specs, load_catalog
+from coordinator.config import CatalogSource, CoordinatorConfig
+from coordinator.dispatch import Dispatcher
+from coordinator.gateway.servicer import MinerGateway
+from coordinator.gateway.session import MinerSession
+from coordinator.http.app import create_app
+from coordinator.job_log import JobLog
+from coordinator.keys import KeyStore
+from coordinator.registry import MinerRegistry
+from coordinator.router import Router
+from coordinator.service import MarketplaceService, miner_account
+from ledger.database import connect
+from ledger.postgres import PostgresLedger
+from proto import miner_pb2_grpc
+from proto.limits import MAX_COORDINATOR_MESSAGE_BYTES, MAX_MINER_MESSAGE_BYTES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunningCoordinator:
+    """Handles on a started coordinator (tests and the demo use the ports and stores)."""
+
+    http_port: int  # where buyers connect
+    grpc_port: int  # where miners connect
+    catalog: Catalog  # models on sale
+    ledger: PostgresLedger  # balances
+    keys: KeyStore  # API keys
+    registry: MinerRegistry  # connected miners
+    service: MarketplaceService  # what the HTTP layer calls
+
+
+def build_catalog(source: CatalogSource) -> Catalog:
+    if source.catalog_file is not None:
+        return load_catalog(source.catalog_file)
+    return catalog_from_specs(
+        source.model_specs,
+        input_price_per_mtok=source.input_price_per_mtok,
+        output_price_per_mtok=source.output_price_per_mtok,
+    )
+
+
+@asynccontextmanager
+async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoordinator]:
+    """Runs a coordinator until the block exits, then shuts it down gracefully."""
+    catalog = await asyncio.to_thread(build_catalog, config.catalog)
+    async with connect(database_url=config.database_url, data_dir=config.data_dir) as pool:
+        ledger = await PostgresLedger.create(pool)
+        keys = await KeyStore.create(pool)
+        job_log = await JobLog.create(pool)
+        registry = MinerRegistry()
+        dispatcher = Dispatcher(config.dispatch, registry=registry, router=Router())
+        service = MarketplaceService(
+            config.billing,
+            catalog=catalog,
+            keys=keys,
+            ledger=ledger,
+            registry=registry,
+            dispatcher=dispatcher,
+            job_log=job_log,
+        )
+
+        async def open_miner_account(session: MinerSession) -> None:
+            await ledger.open_account(miner_account(session.miner_id))
+
+        gateway = MinerGateway(
+            config.gateway, catalog=catalog, registry=registry, on_welcome=open_miner_account
+        )
+        grpc_server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MINER_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_COORDINATOR_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ]
+        )
+        miner_pb2_grpc.add_MinerGatewayServicer_to_server(gateway, grpc_server)
+        grpc_port = grpc_server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+        await grpc_server.start()
+        runner = web.AppRunner(create_app(service, max_body_bytes=config.max_body_bytes))
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, config.http_host, config.http_port)
+            await site.start()
+            http_port = int(runner.addresses[0][1])
+            logger.info(
+                "coordinator ready: HTTP on %s:%d, miners on %s:%d, models %s",
+                config.http_host,
+                http_port,
+                config.grpc_host,
+                grpc_port,
+                sorted(catalog.names()),
+            )
+            yield RunningCoordinator(
+                http_port=http_port,
+                grpc_port=grpc_port,
+                catalog=catalog,
+                ledger=ledger,
+                keys=keys,
+                registry=registry,
+                service=service,
+            )
+        finally:
+            logger.info("coordinator shutting down")
+            await runner.cleanup()
+            for session in registry.sessions():
+                session.close("coordinator shutting down")
+            await grpc_server.stop(grace=2.0)

@@ -1,0 +1,227 @@
+"""The marketplace as the HTTP layer sees it: authenticate, price, hold, dispatch, settle.
+
+Billing rules (docs/architecture.md, "Billing"):
+- cost = ceil((prompt_tokens x input price + completion_tokens x output price) / 1e6) micro-units,
+  prices in micro-units per million tokens, rounded up once per request;
+- a request holds its maximum cost first (prompt plus max_tokens), so concurrent requests can
+  never spend more than the balance;
+- only delivered completion tokens are billed; a request that delivered none costs nothing;
+- the operator's fee is floor(cost x fee_bps / 10000); the miner is credited the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from coordinator.api import Buyer, CompletionRequest, ModelCard
+from coordinator.catalog import Catalog, CatalogEntry, request_cost
+from coordinator.completion import RunningCompletion
+from coordinator.dispatch import Dispatcher
+from coordinator.errors import (
+    ContextLengthError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    NoMinerAvailableError,
+)
+from coordinator.job_log import JobLog, JobRecord
+from coordinator.keys import KeyStore
+from coordinator.registry import MinerRegistry
+from coordinator.tokenization import ChatTemplateError
+from ledger.interface import AccountKind, AccountRef, Hold, InsufficientFundsError, Ledger
+from ledger.money import format_credits
+from proto import miner_pb2
+
+logger = logging.getLogger(__name__)
+
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class BillingConfig:
+    fee_bps: int = 500  # operator's share of every charge in basis points (500 = 5%), rounded down
+
+
+def buyer_account(buyer: Buyer) -> AccountRef:
+    return AccountRef(AccountKind.BUYER, buyer.key_id)
+
+
+def miner_account(miner_id: str) -> AccountRef:
+    return AccountRef(AccountKind.MINER, miner_id)
+
+
+class MarketplaceService:
+    """Implements :class:`coordinator.api.InferenceService`."""
+
+    def __init__(
+        self,
+        billing: BillingConfig,
+        *,
+        catalog: Catalog,
+        keys: KeyStore,
+        ledger: Ledger,
+        registry: MinerRegistry,
+        dispatcher: Dispatcher,
+        job_log: JobLog,
+    ) -> None:
+        self._billing = billing
+        self._catalog = catalog
+        self._keys = keys
+        self._ledger = ledger
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._job_log = job_log
+
+    async def authenticate(self, api_key: str) -> Buyer:
+        return await self._keys.authenticate(api_key)
+
+    async def models(self) -> list[ModelCard]:
+        return [
+            ModelCard(
+                name=entry.name,
+                context_length=entry.context_length,
+                input_price_per_mtok=entry.input_price_per_mtok,
+                output_price_per_mtok=entry.output_price_per_mtok,
+                miners=len(self._registry.serving(entry.name)),
+                created=entry.created,
+            )
+            for entry in self._catalog.entries()
+        ]
+
+    @asynccontextmanager
+    async def complete(
+        self, buyer: Buyer, request: CompletionRequest
+    ) -> AsyncIterator[RunningCompletion]:
+        entry = self._catalog.get(request.model)
+        prompt_ids = self._tokenize(entry, request)
+        if not self._dispatcher.has_miners(entry.name):
+            raise NoMinerAvailableError(f"no miner is serving model '{entry.name}' right now")
+        account = buyer_account(buyer)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = await self._affordable_tokens(entry, account, len(prompt_ids))
+        max_cost = request_cost(entry, prompt_tokens=len(prompt_ids), completion_tokens=max_tokens)
+        job = miner_pb2.Job(
+            job_id=f"job-{uuid.uuid4().hex}",
+            model=entry.name,
+            prompt_token_ids=prompt_ids,
+            sampling=miner_pb2.SamplingParams(
+                temperature=request.temperature,
+                top_p=request.top_p,
+                max_tokens=max_tokens,
+                seed=request.seed if request.seed is not None else secrets.randbelow(_MAX_SEED),
+                stop_token_ids=entry.tokenizer.stop_token_ids,
+            ),
+        )
+        hold = await self._hold(account, max_cost, job)
+        completion: RunningCompletion | None = None
+        try:
+            run = await self._dispatcher.start(job)
+            completion = RunningCompletion(
+                completion_id=f"cmpl-{job.job_id.removeprefix('job-')}",
+                created=int(time.time()),
+                entry=entry,
+                prompt_tokens=len(prompt_ids),
+                run=run,
+            )
+            yield completion
+        finally:
+            # Shielded: a buyer who disconnects cancels the request, never the settlement.
+            await asyncio.shield(self._finish(buyer, hold, entry, completion))
+
+    def _tokenize(self, entry: CatalogEntry, request: CompletionRequest) -> list[int]:
+        try:
+            if request.messages is not None:
+                ids = entry.tokenizer.encode_chat(request.messages)
+            else:
+                ids = entry.tokenizer.encode_prompt(request.prompt or "")
+        except ChatTemplateError as error:
+            raise InvalidRequestError(str(error), param="messages") from None
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        room = entry.context_length - len(ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"this model's maximum context length is {entry.context_length} tokens; the "
+                f"prompt has {len(ids)} tokens",
+                param="messages" if request.messages is not None else "prompt",
+            )
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise ContextLengthError(
+                f"this model's maximum context length is {entry.context_length} tokens; you "
+                f"requested {len(ids) + request.max_tokens} ({len(ids)} in the prompt, "
+                f"{request.max_tokens} for the completion)",
+                param="max_tokens",
+            )
+        return ids
+
+    async def _affordable_tokens(
+        self, entry: CatalogEntry, account: AccountRef, prompt_tokens: int
+    ) -> int:
+        """max_tokens when the buyer gave none: what the context and the balance allow."""
+        room = entry.context_length - prompt_tokens
+        if entry.output_price_per_mtok == 0:
+            return room
+        balance = await self._ledger.balance(account)
+        budget = balance * 1_000_000 - prompt_tokens * entry.input_price_per_mtok
+        affordable = budget // entry.output_price_per_mtok
+        if affordable < 1:
+            raise InsufficientCreditsError(
+                f"insufficient credits: the balance of {format_credits(balance)} does not cover "
+                f"the {prompt_tokens}-token prompt and one completion token"
+            )
+        return min(room, affordable)
+
+    async def _hold(self, account: AccountRef, amount: int, job: miner_pb2.Job) -> Hold | None:
+        if amount == 0:
+            return None  # a free model: nothing to hold
+        try:
+            return await self._ledger.hold(
+                account, amount, reference=hashlib.sha256(job.job_id.encode()).digest()
+            )
+        except InsufficientFundsError as error:
+            raise InsufficientCreditsError(
+                f"insufficient credits: this request may cost up to {format_credits(amount)} "
+                f"({len(job.prompt_token_ids)} prompt tokens, up to {job.sampling.max_tokens} "
+                f"completion tokens); the balance is {format_credits(error.available)}"
+            ) from None
+
+    async def _finish(
+        self,
+        buyer: Buyer,
+        hold: Hold | None,
+        entry: CatalogEntry,
+        completion: RunningCompletion | None,
+    ) -> None:
+        if completion is not None:
+            await completion.aclose()
+        cost = completion.cost() if completion is not None else 0
+        try:
+            if hold is not None and cost == 0:
+                await self._ledger.release(hold)
+            elif hold is not None and completion is not None:
+                fee = cost * self._billing.fee_bps // 10_000
+                reference = (
+                    completion.verified.receipt_sha256
+                    if completion.verified is not None
+                    else hashlib.sha256(completion.run.job.job_id.encode()).digest()
+                )
+                await self._ledger.settle(
+                    hold,
+                    miner=miner_account(completion.run.session.miner_id),
+                    miner_credit=cost - fee,
+                    fee=fee,
+                    reference=reference,
+                )
+            if completion is not None:
+                await self._job_log.record(JobRecord.of(buyer, completion, cost=cost))
+        except Exception:
+            # The hold stays open and visible to the auditor; never lose it silently.
+            logger.exception("settling job for key %s failed", buyer.key_id)
