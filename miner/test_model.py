@@ -95,7 +95,7 @@ def create_test_model(
         eos_token_id=[token_id[IM_END], token_id[EOS_TOKEN]],
         pad_token_id=token_id[EOS_TOKEN],
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
     generator = torch.Generator().manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -107,7 +107,7 @@ def create_test_model(
                 # Wider than the usual 0.02 so logits are peaked and greedy decoding is stable.
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.25)
     model.save_pretrained(model_dir, safe_serialization=True)
-    GenerationConfig(
+    GenerationConfig(  # type: ignore[no-untyped-call]
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,

@@ -1,0 +1,268 @@
+"""The reference engine: a Hugging Face causal LM run with torch + transformers.
+
+Each job decodes on its own: a prefill over the prompt, then one forward pass per token over its
+own KV cache, every token chosen by :func:`miner.sampler.sample`. Forward passes run on a thread
+pool owned by the engine (``max_concurrency`` workers, the same bound as the number of jobs in
+flight), so the event loop never blocks on the model. Batching several jobs into one forward
+pass is future work; it would not change any job's tokens beyond floating-point noise, because
+the sampler's randomness depends only on ``(seed, job id, position)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from miner import sampler
+from miner.engine.base import (
+    GeneratedToken,
+    GenerationError,
+    GenerationRequest,
+    ModelInfo,
+    ModelLoadError,
+)
+from proto.weights_digest import NoWeightFilesError, weights_sha256
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+# Config attribute names that hold the context length, most common first.
+_CONTEXT_ATTRIBUTES = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+)
+
+
+def default_device() -> str:
+    """``"cuda"`` when a CUDA device is usable, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """float32 on CPU; bfloat16 on CUDA when the device supports it, else float16."""
+    if torch.device(device).type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+class TorchEngine:
+    """Serves one Hugging Face model directory. Build it with :meth:`TorchEngine.load`."""
+
+    def __init__(self, model: Any, info: ModelInfo, *, max_concurrency: int) -> None:
+        self._model = model
+        self._info = info
+        self._device = torch.device(info.device)
+        self._executor = ThreadPoolExecutor(
+            max_workers=max_concurrency, thread_name_prefix=f"torch-engine-{info.name}"
+        )
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._closed = False
+        # The prefill only needs the last position's logits; not every model accepts the hint.
+        accepts = inspect.signature(model.forward).parameters
+        self._last_logits_only: dict[str, int] = (
+            {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        )
+
+    @classmethod
+    @asynccontextmanager
+    async def load(
+        cls,
+        name: str,
+        model_dir: Path,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_concurrency: int = 1,
+    ) -> AsyncIterator[TorchEngine]:
+        """Loads ``model_dir`` (in a worker thread) and yields the engine; frees it on exit.
+
+        ``device`` defaults to :func:`default_device`, ``dtype`` to :func:`default_dtype`.
+        Raises :class:`ModelLoadError` when the directory cannot be served.
+        """
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        model, info = await asyncio.to_thread(
+            _load_model, name, Path(model_dir), device=device, dtype=dtype
+        )
+        engine = cls(model, info, max_concurrency=max_concurrency)
+        del model
+        try:
+            yield engine
+        finally:
+            await engine._close()
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model this engine serves."""
+        return self._info
+
+    @property
+    def model(self) -> Any:
+        """The underlying ``transformers`` model, e.g. for a scorer's teacher-forced pass."""
+        return self._model
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GeneratedToken, None]:
+        """Yields the job's tokens as they are sampled.
+
+        Raises :class:`GenerationError` (on the first iteration) for a request that cannot be
+        served. Stops after a stop token (which is yielded), after ``max_tokens`` tokens, or when
+        prompt plus completion reaches the context length. Closing the iterator submits no
+        further forward passes.
+        """
+        prompt = self._validate(request)
+        params = request.sampling
+        budget = min(params.max_tokens, self._info.context_length - len(prompt))
+        stops = frozenset(params.stop_token_ids)
+        async with self._slots:
+            logger.debug(
+                "job %s: %d prompt tokens, up to %d new", request.job_id, len(prompt), budget
+            )
+            cache: Any = None
+            step_input = prompt
+            for position in range(budget):
+                token, logprob, cache = await self._run(
+                    self._step, step_input, cache, request, position
+                )
+                yield GeneratedToken(token_id=token, logprob=logprob)
+                if token in stops:
+                    logger.debug("job %s: stop token after %d tokens", request.job_id, position + 1)
+                    return
+                step_input = [token]
+            logger.debug("job %s: length limit after %d tokens", request.job_id, budget)
+
+    def _validate(self, request: GenerationRequest) -> list[int]:
+        prompt = [int(token) for token in request.prompt_token_ids]
+        vocab_size, context_length = self._info.vocab_size, self._info.context_length
+        if self._closed:
+            raise GenerationError("the engine is closed")
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        if not all(0 <= token < vocab_size for token in prompt):
+            raise GenerationError(f"prompt token ids must be in [0, {vocab_size})")
+        if len(prompt) >= context_length:
+            raise GenerationError(
+                f"the prompt has {len(prompt)} tokens; the context length is {context_length}"
+            )
+        if request.sampling.max_tokens < 1:
+            raise GenerationError(f"max_tokens must be >= 1, got {request.sampling.max_tokens}")
+        try:
+            sampler.validate(request.sampling)
+        except ValueError as exc:
+            raise GenerationError(str(exc)) from exc
+        return prompt
+
+    async def _run(self, function: Callable[..., _T], *args: Any) -> _T:
+        if self._closed:
+            raise GenerationError("the engine closed during generation")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def _step(
+        self, input_ids: list[int], cache: Any, request: GenerationRequest, position: int
+    ) -> tuple[int, float, Any]:
+        """One forward pass (the prefill when ``cache`` is None) and the next token's sample."""
+        # inference_mode is thread-local: it must be entered on the worker thread.
+        with torch.inference_mode():
+            ids = torch.tensor([input_ids], dtype=torch.long, device=self._device)
+            extra = self._last_logits_only if cache is None else {}
+            output = self._model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
+            token, logprob = sampler.sample(
+                output.logits[0, -1], request.sampling, job_id=request.job_id, position=position
+            )
+        return token, logprob, output.past_key_values
+
+    async def _close(self) -> None:
+        self._closed = True
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        self._model = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("unloaded model %s", self._info.name)
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    try:
+        resolved = torch.device(device or default_device())
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}: {exc}") from exc
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
+def _resolve_dtype(dtype: str | None, device: torch.device) -> str:
+    name = dtype or default_dtype(str(device))
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ModelLoadError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return name
+
+
+def _context_length(config: Any) -> int:
+    for attribute in _CONTEXT_ATTRIBUTES:
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ModelLoadError(f"the model config names no context length (one of {_CONTEXT_ATTRIBUTES})")
+
+
+def _load_model(
+    name: str, model_dir: Path, *, device: str | None, dtype: str | None
+) -> tuple[Any, ModelInfo]:
+    """Blocking: hashes and loads the model. Runs on a worker thread."""
+    from transformers import AutoModelForCausalLM
+
+    resolved_device = _resolve_device(device)
+    dtype_name = _resolve_dtype(dtype, resolved_device)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json; expected a Hugging Face model dir")
+    try:
+        digest = weights_sha256(model_dir)
+    except NoWeightFilesError as exc:
+        raise ModelLoadError(f"{model_dir} holds no weight files (*.safetensors, *.bin)") from exc
+    logger.info("loading %s from %s on %s as %s", name, model_dir, resolved_device, dtype_name)
+    try:
+        # Any: transformers' own annotations of from_pretrained/.to() confuse mypy.
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=DTYPES[dtype_name]
+        )
+        model = model.to(resolved_device).eval()
+    except Exception as exc:  # transformers raises OSError, ValueError, SafetensorError, ...
+        raise ModelLoadError(f"cannot load {model_dir}: {type(exc).__name__}: {exc}") from exc
+    text_config = model.config.get_text_config()
+    vocab_size = getattr(text_config, "vocab_size", None)
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ModelLoadError(f"the config of {model_dir} has no vocab_size")
+    info = ModelInfo(
+        name=name,
+        weights_sha256=digest,
+        vocab_size=vocab_size,
+        context_length=_context_length(text_config),
+        dtype=dtype_name,
+        device=str(resolved_device),
+        engine=f"torch-transformers/{torch.__version__}",
+    )
+    return model, info
