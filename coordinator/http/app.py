@@ -1,0 +1,259 @@
+"""The buyer-facing HTTP API: OpenAI-compatible routes over an :class:`InferenceService`.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
+``GET /v1/models/{model}`` and ``GET /health``. Every response, errors and unknown routes
+included, carries an ``x-request-id`` header and, when it fails, an OpenAI-shaped error body.
+
+A stream starts only after the service has accepted the job (entering ``complete`` waits for
+the first token), so every error that happens before output is an ordinary HTTP error; after
+that, a failure is a ``data: {"error": ...}`` event and the stream ends without ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+
+from coordinator.api import Buyer, CompletionRequest, InferenceService
+from coordinator.errors import (
+    AuthenticationError,
+    CoordinatorError,
+    InvalidRequestError,
+    ModelNotFoundError,
+)
+from coordinator.http.errors import (
+    HttpError,
+    compact_json,
+    http_error_for,
+    http_error_for_status,
+    internal_error,
+)
+from coordinator.http.protocol import (
+    ChunkShape,
+    Endpoint,
+    StreamOptions,
+    completion_body,
+    model_body,
+    models_body,
+    parse_chat_request,
+    parse_completion_request,
+)
+from coordinator.http.sse import STREAM_HEADERS, SseWriter
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body accepted; a ~1M-token prompt of plain text fits."""
+
+# A client's own id is echoed only when it is safe to put back into a header and a log line.
+_SANE_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")
+
+# The id of the request being handled; the middleware sets it for the handler's task.
+_request_id: ContextVar[str] = ContextVar("meshmint_http_request_id")
+
+
+def create_app(
+    service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> web.Application:
+    """The aiohttp application; serving it (runner, site, shutdown) is the caller's business."""
+    api = _Api(service)
+    app = web.Application(
+        client_max_size=max_body_bytes, middlewares=[_error_middleware(max_body_bytes)]
+    )
+    app.router.add_post("/v1/chat/completions", api.chat_completions)
+    app.router.add_post("/v1/completions", api.completions)
+    app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/v1/models/{model}", api.model)
+    app.router.add_get("/health", api.health)
+    return app
+
+
+def current_request_id() -> str:
+    """The id of the request this task is handling (only valid inside a handler)."""
+    return _request_id.get()
+
+
+def _request_id_for(request: web.Request) -> str:
+    supplied = request.headers.get(REQUEST_ID_HEADER, "")
+    if _SANE_REQUEST_ID.fullmatch(supplied):
+        return supplied
+    return f"req_{uuid.uuid4().hex}"
+
+
+def _error_middleware(max_body_bytes: int) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = _request_id_for(request)
+        token = _request_id.set(request_id)
+        try:
+            response = await _respond(request, handler, request_id, max_body_bytes)
+        finally:
+            _request_id.reset(token)
+        if not response.prepared:  # a stream sets its own header before it starts
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+    return middleware
+
+
+async def _respond(
+    request: web.Request, handler: Handler, request_id: str, max_body_bytes: int
+) -> web.StreamResponse:
+    error: HttpError
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        error = http_error_for_status(
+            exc, method=request.method, path=request.path, max_body_bytes=max_body_bytes
+        )
+    except CoordinatorError as exc:
+        error = http_error_for(exc)
+        if error.status >= 500:
+            logger.warning("request %s failed: %s (%s)", request_id, exc, type(exc).__name__)
+    except Exception:
+        logger.exception("request %s %s %s failed", request_id, request.method, request.path)
+        error = internal_error(request_id)
+    return error.response()
+
+
+class _Api:
+    """The route handlers, bound to one service."""
+
+    def __init__(self, service: InferenceService) -> None:
+        self._service = service
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        await self._authenticate(request)
+        cards = await self._service.models()
+        return web.json_response(models_body(cards), dumps=compact_json)
+
+    async def model(self, request: web.Request) -> web.Response:
+        await self._authenticate(request)
+        name = request.match_info["model"]
+        for card in await self._service.models():
+            if card.name == name:
+                return web.json_response(model_body(card), dumps=compact_json)
+        raise ModelNotFoundError(f"The model {name!r} does not exist")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        buyer = await self._authenticate(request)
+        completion_request, options = parse_chat_request(await _read_json(request))
+        return await self._complete(request, "chat", buyer, completion_request, options)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        buyer = await self._authenticate(request)
+        completion_request, options = parse_completion_request(await _read_json(request))
+        return await self._complete(request, "text", buyer, completion_request, options)
+
+    async def _authenticate(self, request: web.Request) -> Buyer:
+        scheme, _, key = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise AuthenticationError("Missing API key: send it as 'Authorization: Bearer <key>'")
+        return await self._service.authenticate(key)
+
+    async def _complete(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        buyer: Buyer,
+        completion_request: CompletionRequest,
+        options: StreamOptions,
+    ) -> web.StreamResponse:
+        if options.stream:
+            return await self._stream(request, endpoint, buyer, completion_request, options)
+        async with self._service.complete(buyer, completion_request) as completion:
+            text = "".join([delta.text async for delta in completion])
+            finish_reason = completion.finish_reason or "stop"
+        # Leaving the context settles the bill, so usage is read after it.
+        body = completion_body(
+            endpoint,
+            completion_id=completion.id,
+            created=completion.created,
+            model=completion.model,
+            text=text,
+            finish_reason=finish_reason,
+            usage=completion.usage,
+        )
+        return web.json_response(body, dumps=compact_json)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        buyer: Buyer,
+        completion_request: CompletionRequest,
+        options: StreamOptions,
+    ) -> web.StreamResponse:
+        request_id = current_request_id()
+        response = web.StreamResponse(headers={**STREAM_HEADERS, REQUEST_ID_HEADER: request_id})
+        sse = SseWriter(response)
+        try:
+            async with self._service.complete(buyer, completion_request) as completion:
+                chunks = ChunkShape(
+                    endpoint=endpoint,
+                    completion_id=completion.id,
+                    created=completion.created,
+                    model=completion.model,
+                    include_usage=options.include_usage,
+                )
+                await response.prepare(request)
+                opening = chunks.opening()
+                if opening is not None:
+                    await sse.send(opening)
+                # A write to a gone client raises, which leaves the loop before the next delta
+                # is asked for: the service then bills only what was delivered.
+                async for delta in completion:
+                    if delta.text:
+                        await sse.send(chunks.text(delta.text))
+                await sse.send(chunks.finish(completion.finish_reason or "stop"))
+            await sse.send(chunks.usage(completion.usage))
+            await sse.done()
+        except ConnectionResetError:
+            if not response.prepared:
+                raise
+            logger.info("request %s: the client went away mid-stream", request_id)
+        except Exception as exc:
+            if not response.prepared:
+                raise  # nothing sent yet: the middleware answers with a plain HTTP error
+            await _send_stream_error(sse, exc, request_id)
+        return response
+
+
+async def _send_stream_error(sse: SseWriter, exc: Exception, request_id: str) -> None:
+    if isinstance(exc, CoordinatorError):
+        logger.warning("request %s: stream failed: %s (%s)", request_id, exc, type(exc).__name__)
+        error = http_error_for(exc)
+    else:
+        logger.error("request %s: stream failed", request_id, exc_info=exc)
+        error = internal_error(request_id)
+    try:
+        await sse.send(error.body())
+    except ConnectionResetError:
+        logger.info("request %s: the client went away before the error event", request_id)
+
+
+async def _read_json(request: web.Request) -> object:
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequestError(
+            "We could not parse the JSON body of your request. Send valid JSON."
+        ) from exc
+
+
+def _reject_constant(name: str) -> object:
+    # Python's json accepts NaN and Infinity, which are not JSON and no client means.
+    raise ValueError(f"{name} is not valid JSON")

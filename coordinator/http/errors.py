@@ -1,0 +1,126 @@
+"""How failures look to a buyer: an HTTP status and an OpenAI-shaped error body.
+
+This is the only place that assigns HTTP status codes to :mod:`coordinator.errors`. The body is
+always ``{"error": {"message", "type", "code", "param"}}`` so every OpenAI client can read it;
+the same body travels as an SSE event when a stream fails after it started.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from coordinator.errors import (
+    AuthenticationError,
+    ContextLengthError,
+    CoordinatorError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoMinerAvailableError,
+    RequestError,
+    UpstreamError,
+)
+
+INVALID_REQUEST = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """One failure as the buyer sees it."""
+
+    status: int  # HTTP status code
+    message: str  # for humans; never a traceback or an internal detail
+    type: str  # OpenAI's error category
+    code: str | None = None  # machine-readable reason, when there is one
+    param: str | None = None  # the request field at fault, when there is one
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. Retry-After
+
+    def body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+    def response(self) -> web.Response:
+        return web.json_response(
+            self.body(), status=self.status, headers=dict(self.headers), dumps=compact_json
+        )
+
+
+def compact_json(value: object) -> str:
+    """JSON as sent on the wire: no spaces, non-ASCII kept as is (UTF-8 on the wire)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def http_error_for(exc: CoordinatorError) -> HttpError:
+    """Maps a coordinator exception to what the buyer sees; subclasses before their bases."""
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, AuthenticationError):
+        return HttpError(401, message, "authentication_error", code="invalid_api_key")
+    if isinstance(exc, ContextLengthError):
+        return HttpError(
+            400, message, INVALID_REQUEST, code="context_length_exceeded", param=exc.param
+        )
+    if isinstance(exc, InvalidRequestError):
+        return HttpError(400, message, INVALID_REQUEST, param=exc.param)
+    if isinstance(exc, ModelNotFoundError):
+        return HttpError(404, message, INVALID_REQUEST, code="model_not_found", param="model")
+    if isinstance(exc, InsufficientCreditsError):
+        return HttpError(402, message, "insufficient_credits", code="insufficient_credits")
+    if isinstance(exc, RequestError):
+        return HttpError(400, message, INVALID_REQUEST)
+    if isinstance(exc, NoMinerAvailableError):
+        return HttpError(
+            503,
+            message,
+            "service_unavailable",
+            code="no_miner_available",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, UpstreamError):
+        return HttpError(502, message, "upstream_error", code="upstream_error")
+    return HttpError(500, message, "server_error")
+
+
+def internal_error(request_id: str) -> HttpError:
+    """An unexpected failure: a generic message and the id to quote; details stay in the log."""
+    return HttpError(
+        500,
+        f"The server had an error while processing your request. Request id: {request_id}",
+        "server_error",
+        code="internal_error",
+    )
+
+
+def http_error_for_status(
+    exc: web.HTTPException, *, method: str, path: str, max_body_bytes: int
+) -> HttpError:
+    """aiohttp's own refusals (unknown route, wrong method, body too large) as OpenAI errors."""
+    if isinstance(exc, web.HTTPNotFound):
+        return HttpError(404, f"Invalid URL ({method} {path})", INVALID_REQUEST, code="not_found")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allow = exc.headers.get("Allow")
+        return HttpError(
+            405,
+            f"Method {method} is not allowed for {path}",
+            INVALID_REQUEST,
+            code="method_not_allowed",
+            headers={"Allow": allow} if allow else {},
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return HttpError(
+            413,
+            f"The request body is larger than {max_body_bytes} bytes",
+            INVALID_REQUEST,
+            code="request_too_large",
+        )
+    kind = INVALID_REQUEST if exc.status < 500 else "server_error"
+    return HttpError(exc.status, exc.reason, kind)
