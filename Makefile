@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all lint typecheck proto bench clean
+.PHONY: install demo demo-tiny test test-all lint typecheck proto bench clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# The same demo with the random test model: no training, output is gibberish.
+demo-tiny: $(STAMP)
+	$(PY) examples/demo.py --tiny
 
 # The default suite: CPU-only, a few minutes. `slow` and `gpu` tests run with `make test-all`.
 test: $(STAMP)
