@@ -1,0 +1,90 @@
+"""The miner daemon's settings, and the parsers for their command-line spellings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_KEY_PATH = Path("~/.meshmint/miner/identity.key")
+"""Where the identity key lives unless ``--key`` or ``MESHMINT_MINER_KEY`` says otherwise."""
+
+DEVICES = ("cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve, as given by ``--model NAME=DIR``."""
+
+    name: str  # catalog name the coordinator knows the model by
+    path: Path  # Hugging Face model directory (config.json, weights, tokenizer)
+
+
+@dataclass(frozen=True)
+class MinerConfig:
+    """Everything the daemon needs besides its identity and its loaded engines."""
+
+    # "HOST:PORT" of the coordinator's miner gateway; the miner only ever dials out.
+    coordinator: str
+    # Models to load and announce; the CLI loads them, the daemon serves what it is given.
+    models: tuple[ModelSpec, ...] = ()
+    # PEM file holding the Ed25519 identity; "~" is expanded when the key is loaded.
+    key_path: Path = DEFAULT_KEY_PATH
+    # Jobs run at once across all models. 1 because the reference engine decodes each job on its
+    # own (no batching): a second job on the same device halves both jobs' speed and adds a KV
+    # cache, so a home GPU is better announced as one slot; raise it for big cards/fast engines.
+    max_concurrency: int = 1
+    # "cpu", "cuda", "cuda:N" or "mps"; None lets the engine pick the best device present.
+    device: str | None = None
+    # "float32", "bfloat16" or "float16"; None lets the engine pick for the device.
+    dtype: str | None = None
+    # On shutdown, how long in-flight jobs may run before they are handed back unfinished.
+    drain_timeout_s: float = 30.0
+    # Reconnect delays grow from this (full jitter)...
+    backoff_min_s: float = 0.5
+    # ... doubling per failed attempt up to this; a Welcome resets the growth.
+    backoff_max_s: float = 30.0
+    # A coordinator that does not finish the handshake within this is treated as unreachable.
+    handshake_timeout_s: float = 15.0
+    # HTTP/2 keepalive ping period, so NAT boxes keep the idle connection open.
+    keepalive_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        parse_coordinator(self.coordinator)
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not 0 < self.backoff_min_s <= self.backoff_max_s:
+            raise ValueError(
+                f"need 0 < backoff_min_s <= backoff_max_s, "
+                f"got {self.backoff_min_s} and {self.backoff_max_s}"
+            )
+        if self.handshake_timeout_s <= 0 or self.keepalive_s <= 0:
+            raise ValueError("handshake_timeout_s and keepalive_s must be positive")
+        names = [spec.name for spec in self.models]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"model served twice: {', '.join(duplicates)}")
+
+
+def parse_coordinator(address: str) -> tuple[str, int]:
+    """Splits "HOST:PORT" (IPv6 as "[::1]:PORT"); raises ValueError when malformed."""
+    host, separator, port_text = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"coordinator must be HOST:PORT, got {address!r}")
+    return host, int(port_text)
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """Parses "NAME=DIR"; raises ValueError unless DIR is an existing directory."""
+    name, separator, directory = text.partition("=")
+    name = name.strip()
+    if not separator or not name or not directory:
+        raise ValueError(f"--model must be NAME=DIR, got {text!r}")
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model directory for {name!r} does not exist: {path}")
+    return ModelSpec(name=name, path=path)

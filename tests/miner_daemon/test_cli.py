@@ -1,0 +1,106 @@
+"""The meshmint-miner command line: argument errors, `id`, key locations (no model needed)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from miner.cli import KEY_ENV, main
+from miner.identity import load_or_create_identity
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got {lines}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "no-equals-sign"], "NAME=DIR"),
+        (["--model", "=DIR"], "NAME=DIR"),
+        (["--model", "tiny=/does/not/exist"], "does not exist"),
+        (["--max-concurrency", "0"], "max-concurrency"),
+        (["--drain-timeout", "-1"], "drain-timeout"),
+    ],
+)
+def test_bad_run_arguments_exit_2_with_one_line(
+    arguments: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", "--coordinator", "127.0.0.1:1", "--key", str(tmp_path / "k")]
+    if "--model" not in arguments:
+        argv += ["--model", f"tiny={tmp_path}"]
+    assert main(argv + arguments) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "k").exists(), "nothing is created for a command that cannot run"
+
+
+def test_a_malformed_coordinator_address_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", "--coordinator", "localhost", "--model", f"tiny={tmp_path}"]
+    assert main(argv) == 2
+    assert "HOST:PORT" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["run", "--model", "a=b"],  # no --coordinator
+        ["run", "--coordinator", "h:1"],  # no --model
+        ["run", "--coordinator", "h:1", "--model", "a=b", "--device", "tpu"],
+        ["frobnicate"],
+    ],
+)
+def test_argparse_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_id_prints_the_same_miner_id_every_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "miner" / "identity.key"
+    assert main(["id", "--key", str(key)]) == 0
+    first = capsys.readouterr().out.strip()
+    assert main(["id", "--key", str(key)]) == 0
+    assert capsys.readouterr().out.strip() == first == load_or_create_identity(key).miner_id
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_the_environment_names_the_default_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_key = tmp_path / "from-env.key"
+    monkeypatch.setenv(KEY_ENV, str(env_key))
+    assert main(["id"]) == 0
+    assert capsys.readouterr().out.strip() == load_or_create_identity(env_key).miner_id
+    # --key still wins over the environment.
+    flag_key = tmp_path / "from-flag.key"
+    assert main(["id", "--key", str(flag_key)]) == 0
+    assert capsys.readouterr().out.strip() == load_or_create_identity(flag_key).miner_id
+
+
+def test_the_default_key_lives_under_home(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["id"]) == 0
+    key = tmp_path / ".meshmint" / "miner" / "identity.key"
+    assert capsys.readouterr().out.strip() == load_or_create_identity(key).miner_id
+
+
+def test_an_insecure_key_exits_1_with_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "identity.key"
+    load_or_create_identity(key)
+    key.chmod(0o644)
+    assert main(["id", "--key", str(key)]) == 1
+    assert f"chmod 600 {key}" in one_error_line(capsys.readouterr().err)
