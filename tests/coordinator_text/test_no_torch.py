@@ -1,0 +1,34 @@
+"""The coordinator's text modules run where torch and transformers are not installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROBE = """
+import sys
+import coordinator.catalog, coordinator.detokenizer, coordinator.tokenization
+heavy = sorted(name for name in sys.modules if name.split(".")[0] in {"torch", "transformers"})
+print(",".join(heavy))
+"""
+
+
+def test_imports_pull_in_neither_torch_nor_transformers() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_probe_would_notice_torch() -> None:
+    """The probe is not vacuous: importing the miner's test model does pull torch in."""
+    probe = PROBE.replace("import sys\n", "import sys\nimport miner.test_model, torch\n")
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torch" in result.stdout.split(",")
