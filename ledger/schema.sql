@@ -1,0 +1,69 @@
+-- The ledger's tables. Applied by PostgresLedger.create on every start, so every statement is
+-- idempotent. Tables are prefixed ledger_ because the coordinator shares the database.
+-- Amounts are micro-units in bigint; the constraints restate the ledger's invariants so that
+-- no code path, and no operator with psql, can break them silently.
+
+CREATE TABLE IF NOT EXISTS ledger_accounts (
+    id bigserial PRIMARY KEY,
+    kind text NOT NULL,
+    owner text NOT NULL DEFAULT '',
+    -- credits minus debits of every entry touching this account, kept in step by the writers
+    balance bigint NOT NULL DEFAULT 0,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT ledger_accounts_kind_owner_key UNIQUE (kind, owner),
+    CONSTRAINT ledger_accounts_kind_known
+        CHECK (kind IN ('issuance', 'escrow', 'fee', 'buyer', 'miner')),
+    -- issuance, escrow and fee are singletons; buyers and miners are named by their owner
+    CONSTRAINT ledger_accounts_owner_named
+        CHECK ((kind IN ('issuance', 'escrow', 'fee')) = (owner = '')),
+    -- only issuance, the source of all credits, may go negative
+    CONSTRAINT ledger_accounts_balance_nonnegative CHECK (kind = 'issuance' OR balance >= 0)
+);
+
+CREATE TABLE IF NOT EXISTS ledger_holds (
+    id bigserial PRIMARY KEY,
+    buyer bigint NOT NULL REFERENCES ledger_accounts (id),
+    amount bigint NOT NULL CHECK (amount > 0),
+    status text NOT NULL DEFAULT 'open',
+    -- the settlement, all zero while open: charged = miner_credit + fee, released = the rest
+    charged bigint NOT NULL DEFAULT 0 CHECK (charged >= 0),
+    miner_credit bigint NOT NULL DEFAULT 0 CHECK (miner_credit >= 0),
+    fee bigint NOT NULL DEFAULT 0 CHECK (fee >= 0),
+    released bigint NOT NULL DEFAULT 0 CHECK (released >= 0),
+    miner bigint REFERENCES ledger_accounts (id),
+    reference bytea NOT NULL,  -- the request the hold pays for
+    settlement_reference bytea,  -- the job receipt hash, set by settle
+    created_at timestamptz NOT NULL DEFAULT now(),
+    closed_at timestamptz,
+    CONSTRAINT ledger_holds_status_known CHECK (status IN ('open', 'settled', 'released')),
+    CONSTRAINT ledger_holds_closed_at CHECK ((status = 'open') = (closed_at IS NULL)),
+    CONSTRAINT ledger_holds_settlement_adds_up CHECK (
+        status = 'open'
+        OR (charged = miner_credit + fee AND charged + released = amount)
+    )
+);
+
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    -- assigned at insert: increasing, but under concurrent writers neither gapless nor in commit
+    -- order; a single sequencer will make it so once entries feed the Merkle log
+    seq bigserial PRIMARY KEY,
+    kind text NOT NULL,
+    debit bigint NOT NULL REFERENCES ledger_accounts (id),
+    credit bigint NOT NULL REFERENCES ledger_accounts (id),
+    amount bigint NOT NULL CHECK (amount > 0),
+    hold_id bigint REFERENCES ledger_holds (id),
+    reference bytea,
+    memo text NOT NULL DEFAULT '',
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- named so that a migration adding kinds (slash, ...) can drop and re-add it
+    CONSTRAINT ledger_entries_kind_known
+        CHECK (kind IN ('mint', 'hold', 'settle', 'fee', 'release')),
+    CONSTRAINT ledger_entries_two_sides CHECK (debit <> credit)
+);
+
+CREATE INDEX IF NOT EXISTS ledger_entries_hold_id_idx ON ledger_entries (hold_id);
+CREATE INDEX IF NOT EXISTS ledger_holds_open_idx ON ledger_holds (created_at) WHERE status = 'open';
+
+INSERT INTO ledger_accounts (kind, owner)
+VALUES ('issuance', ''), ('escrow', ''), ('fee', '')
+ON CONFLICT (kind, owner) DO NOTHING;

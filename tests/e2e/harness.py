@@ -1,0 +1,186 @@
+"""Real processes for end-to-end tests: `meshmint-coordinator serve` and `meshmint-miner run`.
+
+Everything runs as the user would run it (console scripts, real gRPC on loopback, ports chosen
+by the OS, a real PostgreSQL); tests talk to it with the official `openai` SDK and read the
+ledger with asyncpg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from coordinator.keys import KeyStore
+from ledger.interface import AccountKind, AccountRef
+from ledger.postgres import PostgresLedger
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wait_for(log: Path, pattern: str, process: subprocess.Popen[bytes], timeout: float) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, log.read_text(errors="replace"))
+        if match:
+            return match
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{log.name} never printed {pattern!r}:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class Process:
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Coordinator:
+    process: Process
+    base_url: str
+    grpc_address: str
+    database_url: str
+    miners: list[Process] = field(default_factory=list)
+
+
+def start_coordinator(
+    tmp: Path, *, database_url: str, models: dict[str, Path], extra: list[str] | None = None
+) -> Coordinator:
+    log = tmp / "coordinator.log"
+    args = [str(BIN / "meshmint-coordinator"), "serve", "--database-url", database_url,
+            "--data-dir", str(tmp / "coordinator"), "--http", "127.0.0.1:0",
+            "--grpc", "127.0.0.1:0", "--first-token-timeout", "20"]
+    for name, path in models.items():
+        args += ["--model", f"{name}={path}"]
+    popen = subprocess.Popen(args + (extra or []), stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = Process(popen, log)
+    ready = _wait_for(log, r"buyers (http://\S+/v1), miners (\S+)\n", popen, timeout=60)
+    return Coordinator(process, ready.group(1), ready.group(2), database_url)
+
+
+def start_miner(
+    coordinator: Coordinator, tmp: Path, *, name: str, models: dict[str, Path],
+    variant: str = "honest", max_concurrency: int = 2,
+) -> Process:
+    log = tmp / f"miner-{name}.log"
+    args = [sys.executable, str(ROOT / "tests" / "e2e" / "variant_miner.py"), variant,
+            "run", "--coordinator", coordinator.grpc_address, "--key", str(tmp / f"{name}.key"),
+            "--max-concurrency", str(max_concurrency)]
+    for model, path in models.items():
+        args += ["--model", f"{model}={path}"]
+    popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = Process(popen, log)
+    coordinator.miners.append(process)
+    return process
+
+
+def wait_for_miners(coordinator: Coordinator, api_key: str, model: str, count: int,
+                    timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    seen: Any = None
+    while time.monotonic() < deadline:
+        _, _, seen = http(f"{coordinator.base_url}/models", api_key=api_key)
+        if any(m["id"] == model and m["miners"] == count for m in seen.get("data", [])):
+            return
+        time.sleep(0.2)
+    logs = "\n".join(m.output()[-1500:] for m in coordinator.miners)
+    raise AssertionError(f"expected {count} miners for {model}, saw {seen}\n{logs}")
+
+
+def http(
+    url: str, *, api_key: str | None = None, body: bytes | None = None
+) -> tuple[int, dict[str, str], Any]:
+    """A raw request (GET, or POST with ``body``): status, lower-cased headers, parsed JSON."""
+    headers = {"Content-Type": "application/json"}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw_headers, payload = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw_headers, payload = error.code, error.headers, error.read()
+    lowered = {name.lower(): value for name, value in raw_headers.items()}
+    return status, lowered, json.loads(payload) if payload else None
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def create_key(database_url: str, *, credits_micro: int, name: str = "buyer") -> tuple[str, str]:
+    """Returns (key_id, secret), the account funded with ``credits_micro``."""
+
+    async def go() -> tuple[str, str]:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            ledger = await PostgresLedger.create(pool)
+            keys = await KeyStore.create(pool)
+            key = await keys.issue(name)
+            account = AccountRef(AccountKind.BUYER, key.key_id)
+            await ledger.open_account(account)
+            if credits_micro:
+                await ledger.mint(account, credits_micro, memo="test credits")
+            return key.key_id, key.secret
+        finally:
+            await pool.close()
+
+    result: tuple[str, str] = _run(go())
+    return result
+
+
+def balances(database_url: str) -> dict[str, int]:
+    """Every account's balance, keyed 'kind' or 'kind:owner'."""
+
+    async def go() -> dict[str, int]:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            ledger = PostgresLedger(pool)
+            return {str(b.account): b.balance for b in await ledger.balances()}
+        finally:
+            await pool.close()
+
+    result: dict[str, int] = _run(go())
+    return result
+
+
+def fetch(database_url: str, query: str, *args: Any) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
+        connection = await asyncpg.connect(database_url)
+        try:
+            return [dict(row) for row in await connection.fetch(query, *args)]
+        finally:
+            await connection.close()
+
+    result: list[dict[str, Any]] = _run(go())
+    return result
