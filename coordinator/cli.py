@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -64,18 +65,27 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--model", action="append", metavar="NAME=DIR", help="serve a model")
     models.add_argument("--catalog", type=Path, metavar="FILE", help="TOML model catalog")
     serve.add_argument(
-        "--input-price", type=_price, default=100_000, metavar="CREDITS",
+        "--input-price",
+        type=_price,
+        default=100_000,
+        metavar="CREDITS",
         help="credits per million prompt tokens for --model entries (default 0.1)",
     )
     serve.add_argument(
-        "--output-price", type=_price, default=300_000, metavar="CREDITS",
+        "--output-price",
+        type=_price,
+        default=300_000,
+        metavar="CREDITS",
         help="credits per million completion tokens for --model entries (default 0.3)",
     )
     serve.add_argument(
         "--fee-bps", type=int, default=500, help="operator fee in basis points (default 500 = 5%%)"
     )
     serve.add_argument(
-        "--first-token-timeout", type=float, default=60.0, metavar="SECONDS",
+        "--first-token-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
         help="skip a miner that produces no token within this time (default 60)",
     )
 
@@ -135,8 +145,9 @@ async def _create_key(args: argparse.Namespace, keys: KeyStore, ledger: Postgres
     await ledger.open_account(account)
     if args.credits:
         await ledger.mint(account, args.credits, memo=f"initial credits for {args.name}")
-    logger.info("created key %s (%s) with %s credits", key.key_id, args.name,
-                format_credits(args.credits))
+    logger.info(
+        "created key %s (%s) with %s credits", key.key_id, args.name, format_credits(args.credits)
+    )
     return key.secret
 
 
@@ -182,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             asyncio.run(_serve(_config(args)))
-        elif args.command == "keys" and args.keys_command == "create":
-            asyncio.run(_with_ledger(args, lambda k, l: _create_key(args, k, l)))
-        elif args.command == "keys":
-            asyncio.run(_with_ledger(args, lambda k, l: _revoke_key(args, k, l)))
         else:
-            asyncio.run(_with_ledger(args, lambda k, l: _add_credits(args, k, l)))
+            action = {
+                ("keys", "create"): _create_key,
+                ("keys", "revoke"): _revoke_key,
+                ("credits", "add"): _add_credits,
+            }[(args.command, getattr(args, f"{args.command}_command"))]
+            asyncio.run(_with_ledger(args, functools.partial(action, args)))
     except KeyboardInterrupt:
         return 130
     except (UsageError, ValueError, OSError, LedgerError) as error:

@@ -16,7 +16,9 @@ class CatalogSource:
 
     model_specs: tuple[str, ...] = ()  # "NAME=DIR" pairs from --model
     catalog_file: Path | None = None  # --catalog TOML file; exclusive with model_specs
-    input_price_per_mtok: int = 100_000  # default micro-units per million prompt tokens (0.1 credit)
+    input_price_per_mtok: int = (
+        100_000  # default micro-units per million prompt tokens (0.1 credit)
+    )
     output_price_per_mtok: int = 300_000  # default micro-units per million completion tokens
 
 

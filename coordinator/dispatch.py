@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DispatchConfig:
     max_attempts: int = 3  # miners tried before giving up on a job that has produced nothing
-    first_token_timeout_s: float = 60.0  # a miner silent this long before its first token is skipped
+    first_token_timeout_s: float = (
+        60.0  # a miner silent this long before its first token is skipped
+    )
     token_timeout_s: float = 60.0  # a miner silent this long mid-stream fails the job
     retry_after_s: int = 5  # Retry-After suggested to buyers when no miner can serve
 
@@ -62,7 +64,7 @@ class MinerRun:
             first, self._first = self._first, None
             yield first
         while True:
-            event = await self.channel.next_event(timeout=self._token_timeout_s)
+            event = await self.channel.next_event(wait_s=self._token_timeout_s)
             if isinstance(event, miner_pb2.TokenChunk):
                 yield event
             elif isinstance(event, miner_pb2.JobResult):
@@ -103,15 +105,19 @@ class Dispatcher:
                 break
             tried.add(session.miner_id)
             channel = session.start_job(job)
-            event = await channel.next_event(timeout=self._config.first_token_timeout_s)
+            event = await channel.next_event(wait_s=self._config.first_token_timeout_s)
             if isinstance(event, miner_pb2.TokenChunk):
                 return MinerRun(
                     session, channel, event, token_timeout_s=self._config.token_timeout_s
                 )
             reason = _describe(event)
             failures.append(f"{session.miner_id[:12]}: {reason}")
-            logger.info("job %s: miner %s failed before output (%s); trying another",
-                        job.job_id, session.miner_id[:12], reason)
+            logger.info(
+                "job %s: miner %s failed before output (%s); trying another",
+                job.job_id,
+                session.miner_id[:12],
+                reason,
+            )
             session.cancel_job(job.job_id)
             session.forget_job(job.job_id)
         detail = "; ".join(failures) if failures else "all miners are busy or none is connected"

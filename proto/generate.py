@@ -21,7 +21,12 @@ def generated_names() -> list[str]:
     names: list[str] = []
     for source in SOURCES:
         stem = source.removesuffix(".proto")
-        names += [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py", f"{stem}_pb2_grpc.pyi"]
+        names += [
+            f"{stem}_pb2.py",
+            f"{stem}_pb2.pyi",
+            f"{stem}_pb2_grpc.py",
+            f"{stem}_pb2_grpc.pyi",
+        ]
     return names
 
 

@@ -24,7 +24,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     files = sorted(
         path
         for path in model_dir.iterdir()
-        if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES) and "training_args" not in path.name
+        if path.is_file()
+        and path.name.endswith(WEIGHT_SUFFIXES)
+        and "training_args" not in path.name
     )
     if not files:
         raise NoWeightFilesError(f"no weight files in {model_dir}")

@@ -56,10 +56,10 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
         self._registry = registry
         self._on_welcome = on_welcome
 
-    async def Connect(  # noqa: N802 (the name is fixed by the proto service)
+    async def Connect(
         self,
-        request_iterator: AsyncIterator[miner_pb2.MinerMessage],  # type: ignore[override]
-        context: grpc.aio.ServicerContext[miner_pb2.MinerMessage, miner_pb2.CoordinatorMessage],  # type: ignore[override]
+        request_iterator: AsyncIterator[miner_pb2.MinerMessage],
+        context: grpc.aio.ServicerContext[miner_pb2.MinerMessage, miner_pb2.CoordinatorMessage],
     ) -> AsyncIterator[miner_pb2.CoordinatorMessage]:
         peer = context.peer()
         incoming = aiter(request_iterator)
@@ -145,7 +145,9 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
             async for message in incoming:
                 violation = session.deliver(message)
                 if violation is not None:
-                    logger.warning("miner %s violated the protocol: %s", session.miner_id[:12], violation)
+                    logger.warning(
+                        "miner %s violated the protocol: %s", session.miner_id[:12], violation
+                    )
                     session.outbox.put_nowait(
                         miner_pb2.CoordinatorMessage(
                             refusal=refusal(_R.REFUSAL_REASON_PROTOCOL_VIOLATION, violation)

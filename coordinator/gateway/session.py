@@ -40,12 +40,12 @@ class JobChannel:
     def put(self, event: JobEvent) -> None:
         self._events.put_nowait(event)
 
-    async def next_event(self, *, timeout: float) -> JobEvent:
-        """The next event; MinerLost("timed out") when none arrives within ``timeout`` seconds."""
+    async def next_event(self, *, wait_s: float) -> JobEvent:
+        """The next event; MinerLost when none arrives within ``wait_s`` seconds."""
         try:
-            return await asyncio.wait_for(self._events.get(), timeout)
+            return await asyncio.wait_for(self._events.get(), wait_s)
         except TimeoutError:
-            return MinerLost(f"no answer from the miner within {timeout:g} s")
+            return MinerLost(f"no answer from the miner within {wait_s:g} s")
 
 
 class MinerSession:
@@ -97,7 +97,9 @@ class MinerSession:
         """Asks the miner to stop a job; its slot frees when the miner answers or goes away."""
         channel = self._jobs.get(job_id)
         if channel is not None and not channel.finished and self.closed_reason is None:
-            self.outbox.put_nowait(miner_pb2.CoordinatorMessage(cancel=miner_pb2.CancelJob(job_id=job_id)))
+            self.outbox.put_nowait(
+                miner_pb2.CoordinatorMessage(cancel=miner_pb2.CancelJob(job_id=job_id))
+            )
 
     def forget_job(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)

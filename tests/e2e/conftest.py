@@ -12,7 +12,13 @@ import asyncpg
 import pytest
 
 from miner.test_model import create_test_model
-from tests.e2e.harness import Coordinator, create_key, start_coordinator, start_miner, wait_for_miners
+from tests.e2e.harness import (
+    Coordinator,
+    create_key,
+    start_coordinator,
+    start_miner,
+    wait_for_miners,
+)
 
 # Prices for tests, in credits per million tokens = micro-units per token, so costs are exact.
 INPUT_PRICE = 2
@@ -52,8 +58,14 @@ def module_database_url(postgres_url: str) -> Iterator[str]:
 
 
 def price_args() -> list[str]:
-    return ["--input-price", str(INPUT_PRICE), "--output-price", str(OUTPUT_PRICE),
-            "--fee-bps", str(FEE_BPS)]
+    return [
+        "--input-price",
+        str(INPUT_PRICE),
+        "--output-price",
+        str(OUTPUT_PRICE),
+        "--fee-bps",
+        str(FEE_BPS),
+    ]
 
 
 @pytest.fixture(scope="module")

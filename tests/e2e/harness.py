@@ -30,7 +30,9 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _wait_for(log: Path, pattern: str, process: subprocess.Popen[bytes], timeout: float) -> re.Match[str]:
+def _wait_for(
+    log: Path, pattern: str, process: subprocess.Popen[bytes], timeout: float
+) -> re.Match[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = re.search(pattern, log.read_text(errors="replace"))
@@ -77,9 +79,20 @@ def start_coordinator(
     tmp: Path, *, database_url: str, models: dict[str, Path], extra: list[str] | None = None
 ) -> Coordinator:
     log = tmp / "coordinator.log"
-    args = [str(BIN / "meshmint-coordinator"), "serve", "--database-url", database_url,
-            "--data-dir", str(tmp / "coordinator"), "--http", "127.0.0.1:0",
-            "--grpc", "127.0.0.1:0", "--first-token-timeout", "20"]
+    args = [
+        str(BIN / "meshmint-coordinator"),
+        "serve",
+        "--database-url",
+        database_url,
+        "--data-dir",
+        str(tmp / "coordinator"),
+        "--http",
+        "127.0.0.1:0",
+        "--grpc",
+        "127.0.0.1:0",
+        "--first-token-timeout",
+        "20",
+    ]
     for name, path in models.items():
         args += ["--model", f"{name}={path}"]
     popen = subprocess.Popen(args + (extra or []), stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -89,13 +102,27 @@ def start_coordinator(
 
 
 def start_miner(
-    coordinator: Coordinator, tmp: Path, *, name: str, models: dict[str, Path],
-    variant: str = "honest", max_concurrency: int = 2,
+    coordinator: Coordinator,
+    tmp: Path,
+    *,
+    name: str,
+    models: dict[str, Path],
+    variant: str = "honest",
+    max_concurrency: int = 2,
 ) -> Process:
     log = tmp / f"miner-{name}.log"
-    args = [sys.executable, str(ROOT / "tests" / "e2e" / "variant_miner.py"), variant,
-            "run", "--coordinator", coordinator.grpc_address, "--key", str(tmp / f"{name}.key"),
-            "--max-concurrency", str(max_concurrency)]
+    args = [
+        sys.executable,
+        str(ROOT / "tests" / "e2e" / "variant_miner.py"),
+        variant,
+        "run",
+        "--coordinator",
+        coordinator.grpc_address,
+        "--key",
+        str(tmp / f"{name}.key"),
+        "--max-concurrency",
+        str(max_concurrency),
+    ]
     for model, path in models.items():
         args += ["--model", f"{model}={path}"]
     popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -104,8 +131,9 @@ def start_miner(
     return process
 
 
-def wait_for_miners(coordinator: Coordinator, api_key: str, model: str, count: int,
-                    timeout: float = 90) -> None:
+def wait_for_miners(
+    coordinator: Coordinator, api_key: str, model: str, count: int, timeout: float = 90
+) -> None:
     deadline = time.monotonic() + timeout
     seen: Any = None
     while time.monotonic() < deadline:

@@ -54,13 +54,18 @@ def sdk(coordinator: Coordinator, key: str) -> OpenAI:
 def test_miner_killed_mid_stream_bills_only_delivered_tokens(
     coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    miner = start_miner(coordinator, tmp_path, name="slow", models={"tiny": model_dirs["tiny"]},
-                        variant="slow:0.2")
+    miner = start_miner(
+        coordinator, tmp_path, name="slow", models={"tiny": model_dirs["tiny"]}, variant="slow:0.2"
+    )
     key_id, key = create_key(coordinator.database_url, credits_micro=1_000_000)
     wait_for_miners(coordinator, key, "tiny", 1)
     before = balances(coordinator.database_url)
     stream = sdk(coordinator, key).chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=200, temperature=0, stream=True,  # type: ignore[arg-type]
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=200,
+        temperature=0,
+        stream=True,
     )
     received = 0
     with pytest.raises(openai.APIError):
@@ -70,7 +75,9 @@ def test_miner_killed_mid_stream_bills_only_delivered_tokens(
                 if received == 4:
                     miner.kill()
     after = balances(coordinator.database_url)
-    jobs = fetch(coordinator.database_url, "SELECT * FROM coordinator_jobs WHERE key_id = $1", key_id)
+    jobs = fetch(
+        coordinator.database_url, "SELECT * FROM coordinator_jobs WHERE key_id = $1", key_id
+    )
     assert len(jobs) == 1
     delivered = jobs[0]["completion_tokens"]
     assert 4 <= delivered < 200
@@ -86,15 +93,21 @@ def test_miner_killed_mid_stream_bills_only_delivered_tokens(
 def test_miner_dying_before_its_first_token_is_replaced(
     coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    doomed = start_miner(coordinator, tmp_path, name="doomed", models={"tiny": model_dirs["tiny"]},
-                         variant="die-on-job", max_concurrency=1)
+    doomed = start_miner(
+        coordinator,
+        tmp_path,
+        name="doomed",
+        models={"tiny": model_dirs["tiny"]},
+        variant="die-on-job",
+        max_concurrency=1,
+    )
     start_miner(coordinator, tmp_path, name="honest", models={"tiny": model_dirs["tiny"]})
     _, key = create_key(coordinator.database_url, credits_micro=5_000_000)
     wait_for_miners(coordinator, key, "tiny", 2)
     client = sdk(coordinator, key)
     for _ in range(12):  # routing is random among equals: keep asking until the doomed one is hit
         reply = client.chat.completions.create(
-            model="tiny", messages=MESSAGES, max_tokens=8, temperature=0  # type: ignore[arg-type]
+            model="tiny", messages=MESSAGES, max_tokens=8, temperature=0
         )
         assert reply.usage is not None and reply.usage.completion_tokens >= 1
         if doomed.popen.poll() is not None:
@@ -106,8 +119,14 @@ def test_miner_dying_before_its_first_token_is_replaced(
 def test_miner_sending_garbage_is_disconnected_and_service_continues(
     coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    start_miner(coordinator, tmp_path, name="garbage", models={"tiny": model_dirs["tiny"]},
-                variant="garbage", max_concurrency=1)
+    start_miner(
+        coordinator,
+        tmp_path,
+        name="garbage",
+        models={"tiny": model_dirs["tiny"]},
+        variant="garbage",
+        max_concurrency=1,
+    )
     start_miner(coordinator, tmp_path, name="honest", models={"tiny": model_dirs["tiny"]})
     _, key = create_key(coordinator.database_url, credits_micro=5_000_000)
     wait_for_miners(coordinator, key, "tiny", 2)
@@ -115,11 +134,9 @@ def test_miner_sending_garbage_is_disconnected_and_service_continues(
     deadline = time.monotonic() + 60
     while "outside the vocabulary" not in coordinator.process.output():
         assert time.monotonic() < deadline, "the garbage miner never got a job"
-        reply = client.chat.completions.create(
-            model="tiny", messages=MESSAGES, max_tokens=4  # type: ignore[arg-type]
-        )
+        reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
         assert reply.choices[0].message.content is not None
-    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)  # type: ignore[arg-type]
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4)
     assert reply.usage is not None and reply.usage.completion_tokens >= 1
 
 
@@ -127,7 +144,9 @@ def test_miner_with_wrong_weights_is_refused_with_a_reason(
     coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     # 'tiny-b' has other weights: announcing it under the name 'tiny' must be refused.
-    miner = start_miner(coordinator, tmp_path, name="impostor", models={"tiny": model_dirs["tiny-b"]})
+    miner = start_miner(
+        coordinator, tmp_path, name="impostor", models={"tiny": model_dirs["tiny-b"]}
+    )
     assert miner.popen.wait(timeout=60) == 3
     assert "do not match the catalog" in miner.output()
 
@@ -148,15 +167,28 @@ def _handshake(stub: miner_pb2_grpc.MinerGatewayStub, model_dir: Path) -> tuple[
             outbox.append(message)
             yield message
 
-    pending.put(miner_pb2.MinerMessage(hello=miner_pb2.Hello(
-        protocol_version=PROTOCOL_VERSION, public_key=public, software_version="test",
-        models=[miner_pb2.ServedModel(name="tiny", weights_sha256=weights_sha256(model_dir))],
-        max_concurrency=1,
-    )))
+    pending.put(
+        miner_pb2.MinerMessage(
+            hello=miner_pb2.Hello(
+                protocol_version=PROTOCOL_VERSION,
+                public_key=public,
+                software_version="test",
+                models=[
+                    miner_pb2.ServedModel(name="tiny", weights_sha256=weights_sha256(model_dir))
+                ],
+                max_concurrency=1,
+            )
+        )
+    )
     responses = stub.Connect(requests())
     challenge = next(responses)
-    pending.put(miner_pb2.MinerMessage(answer=miner_pb2.ChallengeAnswer(
-        signature=key.sign(challenge_message(challenge.challenge.nonce, public)))))
+    pending.put(
+        miner_pb2.MinerMessage(
+            answer=miner_pb2.ChallengeAnswer(
+                signature=key.sign(challenge_message(challenge.challenge.nonce, public))
+            )
+        )
+    )
     welcome = next(responses)
     assert welcome.WhichOneof("body") == "welcome"
     return pending, responses
@@ -166,11 +198,18 @@ def test_tokens_for_an_unknown_job_end_the_session(
     coordinator: Coordinator, model_dirs: dict[str, Path]
 ) -> None:
     with grpc.insecure_channel(coordinator.grpc_address) as channel:
-        pending, responses = _handshake(miner_pb2_grpc.MinerGatewayStub(channel), model_dirs["tiny"])
-        pending.put(miner_pb2.MinerMessage(chunk=miner_pb2.TokenChunk(  # type: ignore[attr-defined]
-            job_id="job-that-never-was", token_ids=[1], logprobs=[-0.5])))
-        bodies = [message for message in responses]  # type: ignore[attr-defined]
-        pending.put(None)  # type: ignore[attr-defined]
+        pending, responses = _handshake(
+            miner_pb2_grpc.MinerGatewayStub(channel), model_dirs["tiny"]
+        )
+        pending.put(
+            miner_pb2.MinerMessage(
+                chunk=miner_pb2.TokenChunk(
+                    job_id="job-that-never-was", token_ids=[1], logprobs=[-0.5]
+                )
+            )
+        )
+        bodies = [message for message in responses]
+        pending.put(None)
     refusals = [m.refusal for m in bodies if m.WhichOneof("body") == "refusal"]
     assert refusals and refusals[0].reason == miner_pb2.REFUSAL_REASON_PROTOCOL_VIOLATION
     assert "unknown job" in refusals[0].message
@@ -179,19 +218,24 @@ def test_tokens_for_an_unknown_job_end_the_session(
 def test_oversize_messages_end_the_session_and_service_continues(
     coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    with grpc.insecure_channel(coordinator.grpc_address,
-                               options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        pending, responses = _handshake(miner_pb2_grpc.MinerGatewayStub(channel), model_dirs["tiny"])
-        huge = miner_pb2.MinerMessage(failure=miner_pb2.JobFailure(job_id="x", message="y" * (1 << 20)))
-        pending.put(huge)  # type: ignore[attr-defined]
+    with grpc.insecure_channel(
+        coordinator.grpc_address, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
+        pending, responses = _handshake(
+            miner_pb2_grpc.MinerGatewayStub(channel), model_dirs["tiny"]
+        )
+        huge = miner_pb2.MinerMessage(
+            failure=miner_pb2.JobFailure(job_id="x", message="y" * (1 << 20))
+        )
+        pending.put(huge)
         with pytest.raises(grpc.RpcError):
-            for _ in responses:  # type: ignore[attr-defined]
+            for _ in responses:
                 pass
-        pending.put(None)  # type: ignore[attr-defined]
+        pending.put(None)
     start_miner(coordinator, tmp_path, name="honest", models={"tiny": model_dirs["tiny"]})
     _, key = create_key(coordinator.database_url, credits_micro=1_000_000)
     wait_for_miners(coordinator, key, "tiny", 1)
     reply = sdk(coordinator, key).chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=4  # type: ignore[arg-type]
+        model="tiny", messages=MESSAGES, max_tokens=4
     )
     assert reply.usage is not None and reply.usage.completion_tokens >= 1

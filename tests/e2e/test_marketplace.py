@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from pathlib import Path
 
-import json
 import openai
 import pytest
 from openai import OpenAI
@@ -52,25 +52,30 @@ def test_models_lists_prices_context_and_miners(marketplace: Coordinator) -> Non
     assert models["tiny"]["output_price_per_million"] == "5"
 
 
-def test_chat_non_streaming_bills_exactly(marketplace: Coordinator, model_dirs: dict[str, Path]) -> None:
+def test_chat_non_streaming_bills_exactly(
+    marketplace: Coordinator, model_dirs: dict[str, Path]
+) -> None:
     key_id, key = create_key(marketplace.database_url, credits_micro=10_000_000)
     before = balances(marketplace.database_url)
     reply = client(marketplace, key).chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=24, temperature=0  # type: ignore[arg-type]
+        model="tiny", messages=MESSAGES, max_tokens=24, temperature=0
     )
     after = balances(marketplace.database_url)
     assert reply.usage is not None
-    own_count = len(ModelTokenizer.from_dir(model_dirs["tiny"]).encode_chat(
-        [ChatMessage(role="user", content=MESSAGES[0]["content"])]
-    ))
+    own_count = len(
+        ModelTokenizer.from_dir(model_dirs["tiny"]).encode_chat(
+            [ChatMessage(role="user", content=MESSAGES[0]["content"])]
+        )
+    )
     assert reply.usage.prompt_tokens == own_count
     assert 1 <= reply.usage.completion_tokens <= 24
     assert reply.choices[0].finish_reason in ("stop", "length")
     if reply.choices[0].finish_reason == "length":
         assert reply.usage.completion_tokens == 24
     assert_settled(before, after, key_id, expected_cost(own_count, reply.usage.completion_tokens))
-    job = fetch(marketplace.database_url,
-                "SELECT * FROM coordinator_jobs WHERE key_id = $1", key_id)
+    job = fetch(
+        marketplace.database_url, "SELECT * FROM coordinator_jobs WHERE key_id = $1", key_id
+    )
     assert len(job) == 1 and job[0]["receipt"] and job[0]["receipt_signature"]
     assert job[0]["completion_tokens"] == reply.usage.completion_tokens
 
@@ -78,9 +83,10 @@ def test_chat_non_streaming_bills_exactly(marketplace: Coordinator, model_dirs: 
 def test_greedy_output_is_reproducible_across_miners(marketplace: Coordinator) -> None:
     _, key = create_key(marketplace.database_url, credits_micro=10_000_000)
     answers = {
-        client(marketplace, key).chat.completions.create(
-            model="tiny", messages=MESSAGES, max_tokens=16, temperature=0  # type: ignore[arg-type]
-        ).choices[0].message.content
+        client(marketplace, key)
+        .chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0)
+        .choices[0]
+        .message.content
         for _ in range(4)
     }
     assert len(answers) == 1
@@ -90,19 +96,27 @@ def test_chat_streaming_chunks_and_billing(marketplace: Coordinator) -> None:
     key_id, key = create_key(marketplace.database_url, credits_micro=10_000_000)
     before = balances(marketplace.database_url)
     stream = client(marketplace, key).chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=20, temperature=0.8, seed=3,  # type: ignore[arg-type]
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=20,
+        temperature=0.8,
+        seed=3,
         stream=True,
     )
     chunks = list(stream)
     after = balances(marketplace.database_url)
     assert len({chunk.id for chunk in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert len(finishes) == 1
     usage = chunks[-1].usage
     assert usage is not None and chunks[-1].choices == []
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-    assert_settled(before, after, key_id, expected_cost(usage.prompt_tokens, usage.completion_tokens))
+    assert_settled(
+        before, after, key_id, expected_cost(usage.prompt_tokens, usage.completion_tokens)
+    )
 
 
 def test_completions_endpoint(marketplace: Coordinator) -> None:
@@ -110,8 +124,11 @@ def test_completions_endpoint(marketplace: Coordinator) -> None:
     before = balances(marketplace.database_url)
     sdk = client(marketplace, key)
     plain = sdk.completions.create(model="tiny", prompt="def main(", max_tokens=10, temperature=0)
-    streamed = list(sdk.completions.create(model="tiny", prompt="def main(", max_tokens=10,
-                                           temperature=0, stream=True))
+    streamed = list(
+        sdk.completions.create(
+            model="tiny", prompt="def main(", max_tokens=10, temperature=0, stream=True
+        )
+    )
     after = balances(marketplace.database_url)
     assert plain.object == "text_completion" and plain.usage is not None
     text = "".join(c.choices[0].text for c in streamed if c.choices)
@@ -130,7 +147,7 @@ def test_concurrent_requests_never_overdraw(marketplace: Coordinator) -> None:
 
     def ask(_: int) -> str:
         try:
-            sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30)  # type: ignore[arg-type]
+            sdk.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30)
             return "ok"
         except openai.APIStatusError as error:
             return str(error.status_code)
@@ -141,8 +158,9 @@ def test_concurrent_requests_never_overdraw(marketplace: Coordinator) -> None:
     assert set(outcomes) <= {"ok", "402"}
     after = balances(marketplace.database_url)
     assert after[f"buyer:{key_id}"] >= 0
-    open_holds = fetch(marketplace.database_url,
-                       "SELECT count(*) AS n FROM ledger_holds WHERE status = 'open'")
+    open_holds = fetch(
+        marketplace.database_url, "SELECT count(*) AS n FROM ledger_holds WHERE status = 'open'"
+    )
     assert open_holds[0]["n"] == 0
 
 
@@ -157,11 +175,12 @@ def test_missing_and_wrong_keys_are_401(marketplace: Coordinator) -> None:
     before = balances(marketplace.database_url)
     with pytest.raises(openai.AuthenticationError) as caught:
         client(marketplace, "mm-not-a-real-key").chat.completions.create(
-            model="tiny", messages=MESSAGES  # type: ignore[arg-type]
+            model="tiny", messages=MESSAGES
         )
     assert caught.value.response.headers["x-request-id"]
-    status, headers, body = http(f"{marketplace.base_url}/chat/completions",
-                                 body=json.dumps({"model": "tiny"}).encode())
+    status, headers, body = http(
+        f"{marketplace.base_url}/chat/completions", body=json.dumps({"model": "tiny"}).encode()
+    )
     assert status == 401 and body["error"]["type"] == "authentication_error"
     assert headers["x-request-id"]
     assert_nothing_charged(marketplace, before)
@@ -170,15 +189,16 @@ def test_missing_and_wrong_keys_are_401(marketplace: Coordinator) -> None:
 def test_malformed_json_and_invalid_parameters_are_400(marketplace: Coordinator) -> None:
     _, key = create_key(marketplace.database_url, credits_micro=1_000_000)
     before = balances(marketplace.database_url)
-    status, headers, body = http(f"{marketplace.base_url}/chat/completions", api_key=key,
-                                 body=b"{not json")
+    status, headers, body = http(
+        f"{marketplace.base_url}/chat/completions", api_key=key, body=b"{not json"
+    )
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
     assert headers["x-request-id"]
     with pytest.raises(openai.BadRequestError) as caught:
         client(marketplace, key).chat.completions.create(
-            model="tiny", messages=MESSAGES, temperature=7  # type: ignore[arg-type]
+            model="tiny", messages=MESSAGES, temperature=7
         )
-    assert caught.value.body["param"] == "temperature"  # type: ignore[index]
+    assert caught.value.body["param"] == "temperature"
     assert_nothing_charged(marketplace, before)
 
 
@@ -195,7 +215,7 @@ def test_unknown_model_is_404(marketplace: Coordinator) -> None:
     _, key = create_key(marketplace.database_url, credits_micro=1_000_000)
     before = balances(marketplace.database_url)
     with pytest.raises(openai.NotFoundError):
-        client(marketplace, key).chat.completions.create(model="gpt-9", messages=MESSAGES)  # type: ignore[arg-type]
+        client(marketplace, key).chat.completions.create(model="gpt-9", messages=MESSAGES)
     assert_nothing_charged(marketplace, before)
 
 
@@ -204,7 +224,7 @@ def test_insufficient_credits_is_402(marketplace: Coordinator) -> None:
     before = balances(marketplace.database_url)
     with pytest.raises(openai.APIStatusError) as caught:
         client(marketplace, key).chat.completions.create(
-            model="tiny", messages=MESSAGES, max_tokens=100  # type: ignore[arg-type]
+            model="tiny", messages=MESSAGES, max_tokens=100
         )
     assert caught.value.status_code == 402
     assert_nothing_charged(marketplace, before)
@@ -214,7 +234,7 @@ def test_model_without_miners_is_503_with_retry_after(marketplace: Coordinator) 
     _, key = create_key(marketplace.database_url, credits_micro=1_000_000)
     before = balances(marketplace.database_url)
     with pytest.raises(openai.APIStatusError) as caught:
-        client(marketplace, key).chat.completions.create(model="tiny-b", messages=MESSAGES)  # type: ignore[arg-type]
+        client(marketplace, key).chat.completions.create(model="tiny-b", messages=MESSAGES)
     assert caught.value.status_code == 503
     assert int(caught.value.response.headers["retry-after"]) > 0
     assert_nothing_charged(marketplace, before)
