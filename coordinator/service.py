@@ -42,11 +42,20 @@ from proto import miner_pb2
 logger = logging.getLogger(__name__)
 
 _MAX_SEED = 2**63 - 1
+# Tokenizing costs about 1 us per byte: beyond this a prompt goes to a thread, so one huge
+# request cannot stall every other stream on the event loop; below it the hop costs more.
+_INLINE_TOKENIZE_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True)
 class BillingConfig:
     fee_bps: int = 500  # operator's share of every charge in basis points (500 = 5%), rounded down
+
+
+def _prompt_chars(request: CompletionRequest) -> int:
+    if request.messages is not None:
+        return sum(len(message.content) for message in request.messages)
+    return len(request.prompt or "")
 
 
 def buyer_account(buyer: Buyer) -> AccountRef:
@@ -100,7 +109,10 @@ class MarketplaceService:
         self, buyer: Buyer, request: CompletionRequest
     ) -> AsyncIterator[RunningCompletion]:
         entry = self._catalog.get(request.model)
-        prompt_ids = self._tokenize(entry, request)
+        if _prompt_chars(request) > _INLINE_TOKENIZE_CHARS:
+            prompt_ids = await asyncio.to_thread(self._tokenize, entry, request)
+        else:
+            prompt_ids = self._tokenize(entry, request)
         if not self._dispatcher.has_miners(entry.name):
             raise NoMinerAvailableError(f"no miner is serving model '{entry.name}' right now")
         account = buyer_account(buyer)

@@ -18,21 +18,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.parser
-import jinja2.runtime
-import jinja2.sandbox
-import jinja2.utils
 from tokenizers import AddedToken, Tokenizer, processors
 
 from coordinator.api import ChatMessage
+from coordinator.chat_template import TEMPLATE_FAILURES, compile_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +40,6 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 _MAX_SANE_CONTEXT = 100_000_000
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
-_TEMPLATE_FAILURES = (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError)
 
 
 class TokenizerError(ValueError):
@@ -170,7 +162,7 @@ class ModelTokenizer:
                 add_generation_prompt=True,
                 **self._template_tokens,
             )
-        except _TEMPLATE_FAILURES as error:
+        except TEMPLATE_FAILURES as error:
             logger.info("chat template of %s rejected a request: %r", self.name, error)
             raise ChatTemplateError(
                 f"the chat template of model '{self.name}' rejected the messages: {error}"
@@ -372,7 +364,7 @@ def _load_chat_template(
     path, value = source
     text = _default_template(value, path)
     try:
-        return _environment().from_string(text)
+        return compile_chat_template(text)
     except jinja2.TemplateSyntaxError as error:
         raise TokenizerLoadError(f"{path}: chat template syntax error: {error}") from error
 
@@ -387,87 +379,3 @@ def _default_template(value: object, path: Path) -> str:
             return str(named["default"])
         raise TokenizerLoadError(f"{path}: chat_template lists no 'default' template")
     raise TokenizerLoadError(f"{path}: chat_template must be a string or a list of templates")
-
-
-# --- the template sandbox, as transformers.utils.chat_template_utils builds it ---------------
-
-
-def _raise_exception(message: str) -> NoReturn:
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(
-    value: object,
-    ensure_ascii: bool = False,
-    indent: int | str | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Jinja's own tojson escapes HTML characters, which chat templates must not do.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-class _TemplateDict:
-    """``dict`` for templates, without the attribute surface of the real type."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
-        return dict.fromkeys(*args, **kwargs)
-
-
-class _TemplateNamespace(jinja2.utils.Namespace):
-    """``namespace()`` that refuses underscore attributes, which lead to CPython internals."""
-
-    def __init__(*args: Any, **kwargs: Any) -> None:  # jinja's trick: `self` may be a key
-        self, attrs = args[0], dict(*args[1:], **kwargs)
-        for name in attrs:
-            _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__init__(self, attrs)
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        _TemplateNamespace._check_name(name)
-        jinja2.utils.Namespace.__setitem__(self, name, value)
-
-    @staticmethod
-    def _check_name(name: object) -> None:
-        if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(
-                f"chat templates cannot store underscore attributes on a namespace ({name!r})"
-            )
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks; here
-    it only renders its body, but templates that use it must still compile."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        call = self.call_method("_body")
-        return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
-
-    def _body(self, caller: jinja2.runtime.Macro) -> str:
-        return str(caller())
-
-
-@lru_cache(maxsize=1)
-def _environment() -> jinja2.Environment:
-    environment = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    environment.filters["tojson"] = _tojson
-    environment.globals["raise_exception"] = _raise_exception
-    environment.globals["strftime_now"] = _strftime_now
-    environment.globals["dict"] = _TemplateDict()
-    environment.globals["namespace"] = _TemplateNamespace
-    return environment

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "balance":
             data_dir = args.data_dir.expanduser()
-            if args.database_url is None:
+            if not args.database_url:
                 _check_data_dir(data_dir)
             balances = asyncio.run(
-                _read_balances(database_url=args.database_url, data_dir=data_dir)
+                _read_balances(database_url=args.database_url or None, data_dir=data_dir)
             )
             _print_balances(balances, as_json=args.json, out=sys.stdout)
         return 0

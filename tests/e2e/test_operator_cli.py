@@ -1,0 +1,97 @@
+"""The operator's commands against a coordinator on its embedded PostgreSQL, while it runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.e2e.harness import BIN, Process, _wait_for
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+
+def buyer_balances(data_dir: Path) -> dict[str, int]:
+    out = run(str(BIN / "meshmint-ledger"), "balance", "--json", "--data-dir", str(data_dir))
+    assert out.returncode == 0, out.stderr
+    return {
+        row["owner"]: row["balance"] for row in json.loads(out.stdout) if row["kind"] == "buyer"
+    }
+
+
+def test_keys_and_credits_on_the_embedded_database(
+    embedded_data_dir: Path, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    data_dir = embedded_data_dir / "coordinator"
+    coordinator = BIN / "meshmint-coordinator"
+    log = tmp_path / "coordinator.log"
+    popen = subprocess.Popen(
+        [
+            str(coordinator),
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--http",
+            "127.0.0.1:0",
+            "--grpc",
+            "127.0.0.1:0",
+            "--model",
+            f"tiny={model_dirs['tiny']}",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    server = Process(popen, log)
+    try:
+        base_url = _wait_for(log, r"buyers (http://\S+/v1),", popen, timeout=60).group(1)
+        created = run(
+            str(coordinator),
+            "keys",
+            "create",
+            "--name",
+            "carol",
+            "--credits",
+            "1.5",
+            "--data-dir",
+            str(data_dir),
+        )
+        assert created.returncode == 0, created.stderr
+        secret = created.stdout.strip()
+        assert secret.startswith("mm-") and "\n" not in secret
+        key_id = re.search(r"created key (key_[0-9a-f]+)", created.stderr)
+        assert key_id is not None, created.stderr
+        assert buyer_balances(data_dir) == {key_id.group(1): 1_500_000}
+
+        added = run(
+            str(coordinator), "credits", "add", key_id.group(1), "2", "--data-dir", str(data_dir)
+        )
+        assert added.returncode == 0 and "3.500000" in added.stdout
+        assert buyer_balances(data_dir) == {key_id.group(1): 3_500_000}
+
+        client = OpenAI(base_url=base_url, api_key=secret, max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        revoked = run(
+            str(coordinator), "keys", "revoke", key_id.group(1), "--data-dir", str(data_dir)
+        )
+        assert revoked.returncode == 0
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+
+        again = run(
+            str(coordinator), "keys", "revoke", key_id.group(1), "--data-dir", str(data_dir)
+        )
+        assert again.returncode == 2 and "no active key" in again.stderr
+        unknown = run(
+            str(coordinator), "credits", "add", "key_nope", "1", "--data-dir", str(data_dir)
+        )
+        assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+        assert popen.poll() is None, "admin commands must not disturb the running coordinator"
+    finally:
+        assert server.stop() == 0, server.output()[-2000:]
