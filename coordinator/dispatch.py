@@ -118,8 +118,7 @@ class Dispatcher:
                 session.miner_id[:12],
                 reason,
             )
-            session.cancel_job(job.job_id)
-            session.forget_job(job.job_id)
+            session.abandon_job(job.job_id)
         detail = "; ".join(failures) if failures else "all miners are busy or none is connected"
         raise NoMinerAvailableError(
             f"no miner could serve model '{job.model}' right now ({detail})",

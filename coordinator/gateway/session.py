@@ -17,6 +17,8 @@ from proto import miner_pb2
 
 logger = logging.getLogger(__name__)
 
+_MAX_ABANDONED = 1024
+
 
 @dataclass(frozen=True)
 class MinerLost:
@@ -68,6 +70,9 @@ class MinerSession:
         self.closed_reason: str | None = None
         self._vocab_sizes = dict(vocab_sizes)
         self._jobs: dict[str, JobChannel] = {}
+        # Jobs given up on before their first token (e.g. the miner was too slow): whatever the
+        # miner still sends for them is dropped, not treated as a protocol violation.
+        self._abandoned: set[str] = set()
         # None is the end-of-stream marker for the servicer's response generator.
         self.outbox: asyncio.Queue[miner_pb2.CoordinatorMessage | None] = asyncio.Queue()
 
@@ -101,8 +106,11 @@ class MinerSession:
                 miner_pb2.CoordinatorMessage(cancel=miner_pb2.CancelJob(job_id=job_id))
             )
 
-    def forget_job(self, job_id: str) -> None:
-        self._jobs.pop(job_id, None)
+    def abandon_job(self, job_id: str) -> None:
+        """Cancels a job and frees its slot now; late messages for it are ignored."""
+        self.cancel_job(job_id)
+        if self._jobs.pop(job_id, None) is not None and len(self._abandoned) < _MAX_ABANDONED:
+            self._abandoned.add(job_id)
 
     def deliver(self, message: miner_pb2.MinerMessage) -> str | None:
         """Routes one message from the miner. Returns a protocol violation, or None when fine."""
@@ -118,6 +126,9 @@ class MinerSession:
             return self._deliver_chunk(message.chunk)
         if kind in ("result", "failure"):
             event = message.result if kind == "result" else message.failure
+            if event.job_id in self._abandoned:
+                self._abandoned.discard(event.job_id)
+                return None
             channel = self._jobs.get(event.job_id)
             if channel is None:
                 return f"{kind} for unknown job {event.job_id!r}"
@@ -128,6 +139,8 @@ class MinerSession:
         return f"unexpected {kind or 'empty'} message after the handshake"
 
     def _deliver_chunk(self, chunk: miner_pb2.TokenChunk) -> str | None:
+        if chunk.job_id in self._abandoned:
+            return None
         channel = self._jobs.get(chunk.job_id)
         if channel is None:
             return f"tokens for unknown job {chunk.job_id!r}"
