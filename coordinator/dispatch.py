@@ -105,7 +105,12 @@ class Dispatcher:
                 break
             tried.add(session.miner_id)
             channel = session.start_job(job)
-            event = await channel.next_event(wait_s=self._config.first_token_timeout_s)
+            try:
+                event = await channel.next_event(wait_s=self._config.first_token_timeout_s)
+            except BaseException:
+                # The buyer left while we waited: the miner must not generate for nobody.
+                session.abandon_job(job.job_id)
+                raise
             if isinstance(event, miner_pb2.TokenChunk):
                 return MinerRun(
                     session, channel, event, token_timeout_s=self._config.token_timeout_s

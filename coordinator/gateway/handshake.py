@@ -11,6 +11,28 @@ from proto.limits import PROTOCOL_VERSION
 from proto.signing import challenge_message
 
 MAX_CONCURRENCY = 256
+
+# Ed25519 public keys of small order (libsodium's blocklist, sign bit cleared). A signature
+# under one of them can verify for every message, so such a key proves nothing.
+_SMALL_ORDER_KEYS = frozenset(
+    bytes.fromhex(key)
+    for key in (
+        "00" * 32,
+        "01" + "00" * 31,
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ec" + "ff" * 30 + "7f",
+        "ed" + "ff" * 30 + "7f",
+        "ee" + "ff" * 30 + "7f",
+    )
+)
+
+
+def is_weak_key(public_key: bytes) -> bool:
+    """True for a small-order Ed25519 key, whichever its sign bit."""
+    return public_key[:31] + bytes([public_key[31] & 0x7F]) in _SMALL_ORDER_KEYS
+
+
 _R = miner_pb2.RefusalReason
 
 
@@ -28,6 +50,11 @@ def check_hello(hello: miner_pb2.Hello, catalog: Catalog) -> miner_pb2.Refusal |
         )
     if len(hello.public_key) != 32:
         return refusal(_R.REFUSAL_REASON_PROTOCOL_VIOLATION, "public_key must be 32 raw bytes")
+    if is_weak_key(hello.public_key):
+        return refusal(
+            _R.REFUSAL_REASON_PROTOCOL_VIOLATION,
+            "public_key is a small-order Ed25519 point; generate a real key",
+        )
     if not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
         return refusal(
             _R.REFUSAL_REASON_PROTOCOL_VIOLATION,

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from proto import miner_pb2
+from proto.limits import MAX_TOKENS_PER_CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,19 @@ class JobChannel:
         self.job = job
         self.tokens_received = 0
         self.finished = False
+        self.stopped = False  # a stop token arrived: nothing may follow it
+        self._stop_ids = frozenset(job.sampling.stop_token_ids)
         self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+
+    def accept_tokens(self, token_ids: Sequence[int]) -> str | None:
+        """Counts arriving tokens; returns a violation when they cannot follow what came before."""
+        if self.stopped or any(token in self._stop_ids for token in token_ids[:-1]):
+            return "tokens after a stop token"
+        self.stopped = token_ids[-1] in self._stop_ids
+        self.tokens_received += len(token_ids)
+        if self.tokens_received > self.job.sampling.max_tokens:
+            return f"more than max_tokens={self.job.sampling.max_tokens} tokens"
+        return None
 
     def put(self, event: JobEvent) -> None:
         self._events.put_nowait(event)
@@ -146,14 +159,15 @@ class MinerSession:
             return f"tokens for unknown job {chunk.job_id!r}"
         if len(chunk.logprobs) != len(chunk.token_ids) or not chunk.token_ids:
             return "token chunk with mismatched or empty token_ids/logprobs"
+        if len(chunk.token_ids) > MAX_TOKENS_PER_CHUNK:
+            return f"token chunk with more than {MAX_TOKENS_PER_CHUNK} tokens"
         vocab_size = self._vocab_sizes[channel.job.model]
         if any(token >= vocab_size for token in chunk.token_ids):
             return f"token id outside the vocabulary of {channel.job.model} ({vocab_size})"
-        channel.tokens_received += len(chunk.token_ids)
-        if channel.tokens_received > channel.job.sampling.max_tokens:
-            return f"more than max_tokens={channel.job.sampling.max_tokens} tokens"
-        channel.put(chunk)
-        return None
+        violation = channel.accept_tokens(chunk.token_ids)
+        if violation is None:
+            channel.put(chunk)
+        return violation
 
     def close(self, reason: str) -> None:
         """Ends the session: every job in flight learns the miner is lost."""

@@ -1,0 +1,298 @@
+"""Dispatcher (failover until the first token) and MinerRun (the stream after it)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import pytest
+
+from coordinator.catalog import Catalog, CatalogEntry
+from coordinator.dispatch import DispatchConfig, Dispatcher, MinerRun
+from coordinator.errors import NoMinerAvailableError, UpstreamError
+from coordinator.gateway.session import MinerSession
+from coordinator.registry import MinerRegistry
+from coordinator.router import Router
+from proto import miner_pb2
+from tests.coordinator.core_fakes import (
+    FINISH,
+    MODEL,
+    WAIT_S,
+    MinerKey,
+    build_catalog,
+    busy,
+    cancelled_ids,
+    chunk,
+    failure,
+    make_job,
+    make_session,
+    next_job,
+    outbox_messages,
+    receipt_for,
+    result_message,
+    signed_result,
+)
+
+CONFIG = DispatchConfig(
+    max_attempts=3, first_token_timeout_s=0.15, token_timeout_s=0.15, retry_after_s=7
+)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+    return build_catalog(tmp_path_factory.mktemp("dispatch"))
+
+
+@pytest.fixture(scope="module")
+def entry(catalog: Catalog) -> CatalogEntry:
+    return catalog.get(MODEL)
+
+
+@pytest.fixture
+def registry() -> MinerRegistry:
+    return MinerRegistry()
+
+
+def dispatcher(registry: MinerRegistry, config: DispatchConfig = CONFIG) -> Dispatcher:
+    return Dispatcher(config, registry=registry, router=Router(rng=random.Random(0)))
+
+
+def ranked(catalog: Catalog, registry: MinerRegistry, count: int) -> list[MinerSession]:
+    """``count`` sessions the router tries in list order (each one more loaded than the last)."""
+    sessions = []
+    for rank in range(count):
+        session = make_session(catalog, max_concurrency=rank + 1)
+        busy(session, rank)  # load rank/(rank+1): 0, 1/2, 2/3, ...
+        outbox_messages(session)
+        registry.add(session)
+        sessions.append(session)
+    return sessions
+
+
+async def answer_first_token(session: MinerSession, token: int = 65) -> miner_pb2.Job:
+    job = await next_job(session)
+    assert session.deliver(chunk(job.job_id, [token])) is None
+    return job
+
+
+async def started(dispatch: Dispatcher, job: miner_pb2.Job) -> asyncio.Task[MinerRun]:
+    task = asyncio.create_task(dispatch.start(job))
+    await asyncio.sleep(0)
+    return task
+
+
+# --- before the first token ---------------------------------------------------------------------
+
+
+async def test_first_token_hands_back_the_run(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    (session,) = ranked(catalog, registry, 1)
+    job = make_job(entry)
+    task = await started(dispatcher(registry), job)
+    sent = await answer_first_token(session, token=72)
+    run = await asyncio.wait_for(task, WAIT_S)
+    assert sent == job
+    assert run.session is session and run.job == job and run.channel.job == job
+    assert not run.done
+    first = await anext(aiter(run.chunks()))
+    assert list(first.token_ids) == [72]
+
+
+async def test_a_failing_miner_is_replaced_by_the_next(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    first, second = ranked(catalog, registry, 2)
+    job = make_job(entry)
+    task = await started(dispatcher(registry), job)
+    failed = await next_job(first)
+    assert first.deliver(failure(failed.job_id, "CUDA out of memory")) is None
+    retried = await answer_first_token(second)
+    run = await asyncio.wait_for(task, WAIT_S)
+    assert failed == retried == job  # the same job, id included
+    assert run.session is second
+    assert first.free_slots == 1 and outbox_messages(first) == []  # nothing left to cancel
+
+
+async def test_a_silent_miner_is_abandoned_and_replaced(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    silent, second = ranked(catalog, registry, 2)
+    job = make_job(entry)
+    task = await started(dispatcher(registry), job)
+    assert await next_job(silent) == job
+    await answer_first_token(second)  # arrives only after first_token_timeout_s
+    run = await asyncio.wait_for(task, WAIT_S)
+    assert run.session is second
+    assert cancelled_ids(outbox_messages(silent)) == [job.job_id]
+    assert silent.free_slots == 1
+    # The slow miner's tokens turn up late: dropped, not a protocol violation.
+    assert silent.deliver(chunk(job.job_id, [1])) is None
+
+
+async def test_lost_miner_and_tokenless_result_are_failed_over(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    lost, empty, good = ranked(catalog, registry, 3)
+    job = make_job(entry)
+    task = await started(dispatcher(registry), job)
+    await next_job(lost)
+    lost.close("the miner closed the stream")
+    await next_job(empty)
+    receipt = receipt_for(job, [], weights_sha256=entry.weights_sha256)
+    result = signed_result(job, receipt, FINISH.FINISH_REASON_STOP, key=MinerKey())
+    assert empty.deliver(result_message(result)) is None
+    await answer_first_token(good)
+    run = await asyncio.wait_for(task, WAIT_S)
+    assert run.session is good
+
+
+async def test_all_failing_is_no_miner_available_naming_each_failure(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    sessions = ranked(catalog, registry, 3)
+    job = make_job(entry)
+    task = await started(dispatcher(registry), job)
+    for number, session in enumerate(sessions):
+        sent = await next_job(session)
+        assert session.deliver(failure(sent.job_id, f"broken-{number}")) is None
+    with pytest.raises(NoMinerAvailableError) as raised:
+        await asyncio.wait_for(task, WAIT_S)
+    message = str(raised.value)
+    assert raised.value.retry_after == CONFIG.retry_after_s
+    assert f"'{MODEL}'" in message
+    for number, session in enumerate(sessions):
+        assert f"broken-{number}" in message and session.miner_id[:12] in message
+
+
+async def test_silence_everywhere_is_no_miner_available(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    sessions = ranked(catalog, registry, 2)
+    job = make_job(entry)
+    with pytest.raises(NoMinerAvailableError, match="no answer from the miner"):
+        await asyncio.wait_for(dispatcher(registry).start(job), WAIT_S)
+    for session in sessions:
+        assert cancelled_ids(outbox_messages(session)) == [job.job_id]
+
+
+async def test_no_miner_connected(registry: MinerRegistry, entry: CatalogEntry) -> None:
+    dispatch = dispatcher(registry)
+    assert not dispatch.has_miners(MODEL)
+    with pytest.raises(NoMinerAvailableError, match="busy or none is connected") as raised:
+        await dispatch.start(make_job(entry))
+    assert raised.value.retry_after == CONFIG.retry_after_s
+
+
+async def test_busy_miners_are_serving_but_not_available(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    session = make_session(catalog)
+    busy(session)
+    registry.add(session)
+    dispatch = dispatcher(registry)
+    assert dispatch.has_miners(MODEL)
+    with pytest.raises(NoMinerAvailableError):
+        await dispatch.start(make_job(entry))
+
+
+async def test_max_attempts_is_respected(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    sessions = ranked(catalog, registry, 4)
+    config = DispatchConfig(max_attempts=2, first_token_timeout_s=0.15, token_timeout_s=0.15)
+    job = make_job(entry)
+    task = await started(dispatcher(registry, config), job)
+    for session in sessions[:2]:
+        sent = await next_job(session)
+        assert session.deliver(failure(sent.job_id, "nope")) is None
+    with pytest.raises(NoMinerAvailableError):
+        await asyncio.wait_for(task, WAIT_S)
+    assert all(outbox_messages(session) == [] for session in sessions[2:])
+
+
+async def test_cancelled_dispatch_cancels_the_job(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    (session,) = ranked(catalog, registry, 1)
+    job = make_job(entry)
+    task = await started(dispatcher(registry, DispatchConfig(first_token_timeout_s=30)), job)
+    await next_job(session)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled_ids(outbox_messages(session)) == [job.job_id]
+    assert session.free_slots == 1
+
+
+# --- after the first token ----------------------------------------------------------------------
+
+
+async def running(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> tuple[MinerSession, MinerRun]:
+    (session,) = ranked(catalog, registry, 1)
+    task = await started(dispatcher(registry), make_job(entry, max_tokens=8))
+    await answer_first_token(session, token=1)
+    return session, await asyncio.wait_for(task, WAIT_S)
+
+
+async def test_chunks_then_the_result(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    session, run = await running(catalog, registry, entry)
+    job_id = run.job.job_id
+    assert session.deliver(chunk(job_id, [2, 3])) is None
+    assert session.deliver(chunk(job_id, [4])) is None
+    receipt = receipt_for(run.job, [1, 2, 3, 4], weights_sha256=entry.weights_sha256)
+    result = signed_result(run.job, receipt, FINISH.FINISH_REASON_LENGTH, key=MinerKey())
+    assert session.deliver(result_message(result)) is None
+    seen = [list(piece.token_ids) async for piece in run.chunks()]
+    assert seen == [[1], [2, 3], [4]]
+    assert run.result == result and run.done
+    run.cancel()  # done: nothing to cancel
+    assert outbox_messages(session) == []
+
+
+def _fail(session: MinerSession, job_id: str) -> None:
+    assert session.deliver(failure(job_id, "engine crashed")) is None
+
+
+def _lose(session: MinerSession, job_id: str) -> None:
+    session.close("evicted: silent for 15.0 s")
+
+
+def _stall(session: MinerSession, job_id: str) -> None:
+    pass  # token_timeout_s passes
+
+
+@pytest.mark.parametrize(
+    ("trouble", "expected"),
+    [(_fail, "engine crashed"), (_lose, "evicted"), (_stall, "no answer from the miner")],
+    ids=["failure", "lost", "timeout"],
+)
+async def test_trouble_mid_stream_is_an_upstream_error(
+    catalog: Catalog,
+    registry: MinerRegistry,
+    entry: CatalogEntry,
+    trouble: Callable[[MinerSession, str], None],
+    expected: str,
+) -> None:
+    session, run = await running(catalog, registry, entry)
+    assert session.deliver(chunk(run.job.job_id, [2])) is None
+    trouble(session, run.job.job_id)
+    seen: list[list[int]] = []
+    with pytest.raises(UpstreamError, match=expected):
+        async for piece in run.chunks():
+            seen.append(list(piece.token_ids))
+    assert seen == [[1], [2]]
+    assert run.result is None
+
+
+async def test_cancel_mid_stream_asks_the_miner_to_stop(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    session, run = await running(catalog, registry, entry)
+    run.cancel()
+    assert cancelled_ids(outbox_messages(session)) == [run.job.job_id]

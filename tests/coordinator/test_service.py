@@ -1,0 +1,354 @@
+"""MarketplaceService with a real ledger, key store and job log on PostgreSQL and a simulated miner.
+
+The miner is a task that reads its session's outbox and delivers chunks and a signed result, so
+everything from tokenizing to settlement runs for real, without gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
+
+import asyncpg
+import pytest
+
+from coordinator.api import Buyer, ChatMessage, CompletionRequest, Usage
+from coordinator.catalog import Catalog, CatalogEntry, request_cost
+from coordinator.dispatch import DispatchConfig, Dispatcher
+from coordinator.errors import ContextLengthError, InsufficientCreditsError, NoMinerAvailableError
+from coordinator.gateway.session import MinerSession
+from coordinator.job_log import JobLog
+from coordinator.keys import KeyStore
+from coordinator.registry import MinerRegistry
+from coordinator.router import Router
+from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
+from ledger.interface import ESCROW, FEE, AccountRef
+from ledger.postgres import EntryKind, PostgresLedger
+from proto import miner_pb2
+from tests.coordinator.core_fakes import (
+    FINISH,
+    MODEL,
+    WAIT_S,
+    MinerKey,
+    build_catalog,
+    busy,
+    make_session,
+    outbox_messages,
+    play_job,
+    stop_id,
+    text_ids,
+)
+
+if TYPE_CHECKING:
+    Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
+
+FEE_BPS = 750  # not the default, so the test shows the configured fee is the one applied
+# Generous timeouts: the simulated miner answers at once, so they only bound a broken test.
+DISPATCH = DispatchConfig(
+    max_attempts=2, first_token_timeout_s=WAIT_S, token_timeout_s=WAIT_S, retry_after_s=3
+)
+CREDIT = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+    return build_catalog(tmp_path_factory.mktemp("service"))
+
+
+@dataclass
+class Market:
+    """A service wired to real components, one buyer and one simulated miner."""
+
+    service: MarketplaceService
+    ledger: PostgresLedger
+    registry: MinerRegistry
+    pool: Pool
+    entry: CatalogEntry
+    buyer: Buyer
+    key: MinerKey  # the miner's identity
+    session: MinerSession  # the miner's session, in the registry
+
+    @property
+    def account(self) -> AccountRef:
+        return buyer_account(self.buyer)
+
+    async def balances(self) -> tuple[int, int, int, int]:
+        """(buyer, miner, fee, escrow) balances."""
+        return (
+            await self.ledger.balance(self.account),
+            await self.ledger.balance(miner_account(self.session.miner_id)),
+            await self.ledger.balance(FEE),
+            await self.ledger.balance(ESCROW),
+        )
+
+    async def entry_kinds(self) -> list[EntryKind]:
+        return [entry.kind for entry in await self.ledger.entries()]
+
+
+@pytest.fixture
+async def market(db_pool: Pool, catalog: Catalog) -> Market:
+    ledger = await PostgresLedger.create(db_pool)
+    keys = await KeyStore.create(db_pool)
+    registry = MinerRegistry()
+    service = MarketplaceService(
+        BillingConfig(fee_bps=FEE_BPS),
+        catalog=catalog,
+        keys=keys,
+        ledger=ledger,
+        registry=registry,
+        dispatcher=Dispatcher(DISPATCH, registry=registry, router=Router(rng=random.Random(0))),
+        job_log=await JobLog.create(db_pool),
+    )
+    buyer = await service.authenticate((await keys.issue("alice")).secret)
+    await ledger.open_account(buyer_account(buyer))
+    key = MinerKey()
+    session = make_session(catalog, key=key)
+    registry.add(session)
+    await ledger.open_account(miner_account(session.miner_id))
+    return Market(service, ledger, registry, db_pool, catalog.get(MODEL), buyer, key, session)
+
+
+def chat(max_tokens: int | None, content: str = "Hello!") -> CompletionRequest:
+    return CompletionRequest(
+        model=MODEL,
+        messages=(ChatMessage(role="user", content=content),),
+        prompt=None,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        seed=1,
+    )
+
+
+def prompt_tokens(market: Market, request: CompletionRequest) -> int:
+    assert request.messages is not None
+    return len(market.entry.tokenizer.encode_chat(request.messages))
+
+
+def cost(market: Market, request: CompletionRequest, completion_tokens: int) -> int:
+    return request_cost(
+        market.entry,
+        prompt_tokens=prompt_tokens(market, request),
+        completion_tokens=completion_tokens,
+    )
+
+
+# --- settlement ---------------------------------------------------------------------------------
+
+
+async def test_a_finished_job_is_settled_exactly_and_recorded(market: Market) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    escrow_before = await market.ledger.balance(ESCROW)
+    request = chat(max_tokens=32)
+    answer = [*text_ids(market.entry, "Hi there!"), stop_id(market.entry)]
+    miner = asyncio.create_task(play_job(market.session, market.key, market.entry, answer))
+
+    async with market.service.complete(market.buyer, request) as completion:
+        buyer, _, _, escrow = await market.balances()
+        assert CREDIT - buyer == escrow - escrow_before == cost(market, request, 32)  # the hold
+        text = "".join([delta.text async for delta in completion])
+    job, _ = await asyncio.wait_for(miner, WAIT_S)
+
+    assert text == "Hi there!" and completion.finish_reason == "stop"
+    assert list(job.prompt_token_ids) == market.entry.tokenizer.encode_chat(request.messages or ())
+    assert job.sampling.max_tokens == 32 and job.sampling.seed == 1
+    assert tuple(job.sampling.stop_token_ids) == market.entry.tokenizer.stop_token_ids
+    charged = cost(market, request, len(answer))
+    fee = charged * FEE_BPS // 10_000
+    assert 0 < fee < charged  # the test's prices make both shares non-zero
+    assert completion.usage == Usage(
+        prompt_tokens=len(job.prompt_token_ids), completion_tokens=len(answer), cost=charged
+    )
+    assert await market.balances() == (CREDIT - charged, charged - fee, fee, escrow_before)
+
+    verified = completion.verified
+    assert verified is not None
+    settlement = [
+        e for e in await market.ledger.entries() if e.kind in (EntryKind.SETTLE, EntryKind.FEE)
+    ]
+    assert {e.reference for e in settlement} == {verified.receipt_sha256}
+    row = await market.pool.fetchrow("SELECT * FROM coordinator_jobs WHERE job_id = $1", job.job_id)
+    assert row is not None
+    assert (row["key_id"], row["miner_id"], row["model"]) == (
+        market.buyer.key_id,
+        market.session.miner_id,
+        MODEL,
+    )
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cost"]) == (
+        len(job.prompt_token_ids),
+        len(answer),
+        charged,
+    )
+    assert row["finish_reason"] == "stop"
+    assert miner_pb2.Receipt.FromString(row["receipt"]) == verified.receipt
+    assert row["receipt_signature"] == verified.signature
+    assert market.session.free_slots == 1
+
+
+async def test_without_max_tokens_the_hold_is_sized_by_the_balance(market: Market) -> None:
+    request = chat(max_tokens=None)
+    room = market.entry.context_length - prompt_tokens(market, request)
+    balance = cost(market, request, 5)
+    affordable = max(n for n in range(room + 1) if cost(market, request, n) <= balance)
+    assert 5 <= affordable < room
+    await market.ledger.mint(market.account, balance)
+    answer = text_ids(market.entry, "z") * affordable
+    miner = asyncio.create_task(
+        play_job(
+            market.session, market.key, market.entry, answer, finish=FINISH.FINISH_REASON_LENGTH
+        )
+    )
+    async with market.service.complete(market.buyer, request) as completion:
+        held = balance - await market.ledger.balance(market.account)
+        assert held == cost(market, request, affordable) <= balance
+        deltas = [delta async for delta in completion]
+    job, _ = await asyncio.wait_for(miner, WAIT_S)
+
+    assert job.sampling.max_tokens == affordable
+    assert sum(delta.token_count for delta in deltas) == affordable
+    assert completion.finish_reason == "length"
+    assert await market.ledger.balance(market.account) == balance - held
+
+
+async def test_a_balance_short_of_one_token_is_refused_before_any_hold(market: Market) -> None:
+    request = chat(max_tokens=None)
+    balance = cost(market, request, 0)  # pays for the prompt only
+    assert cost(market, request, 1) > balance
+    await market.ledger.mint(market.account, balance)
+    with pytest.raises(InsufficientCreditsError, match="one completion token"):
+        async with market.service.complete(market.buyer, request):
+            pytest.fail("the completion started")
+    assert await market.ledger.balance(market.account) == balance
+    assert await market.entry_kinds() == [EntryKind.MINT]
+    assert outbox_messages(market.session) == []
+
+
+async def test_max_tokens_beyond_the_balance_is_refused(market: Market) -> None:
+    request = chat(max_tokens=100)
+    await market.ledger.mint(market.account, cost(market, request, 99))
+    with pytest.raises(InsufficientCreditsError, match="may cost up to"):
+        async with market.service.complete(market.buyer, request):
+            pytest.fail("the completion started")
+    assert await market.entry_kinds() == [EntryKind.MINT]
+    assert outbox_messages(market.session) == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (
+            CompletionRequest(
+                model=MODEL,
+                messages=None,
+                prompt="a" * 600,
+                max_tokens=None,
+                temperature=1.0,
+                top_p=1.0,
+                seed=None,
+            ),
+            "prompt",
+        ),
+        (chat(max_tokens=None, content="b" * 600), "messages"),
+        (chat(max_tokens=512), "max_tokens"),
+    ],
+    ids=["long-prompt", "long-chat", "max-tokens"],
+)
+async def test_beyond_the_context_is_refused(
+    market: Market, request_: CompletionRequest, param: str
+) -> None:
+    assert market.entry.context_length == 512
+    await market.ledger.mint(market.account, CREDIT)
+    with pytest.raises(ContextLengthError, match="maximum context length is 512") as raised:
+        async with market.service.complete(market.buyer, request_):
+            pytest.fail("the completion started")
+    assert raised.value.param == param
+    assert await market.entry_kinds() == [EntryKind.MINT]
+    assert outbox_messages(market.session) == []
+
+
+async def test_no_miner_connected_charges_nothing(market: Market) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    market.registry.remove(market.session)
+    with pytest.raises(NoMinerAvailableError):
+        async with market.service.complete(market.buyer, chat(max_tokens=8)):
+            pytest.fail("the completion started")
+    assert await market.entry_kinds() == [EntryKind.MINT]
+
+
+async def test_no_free_miner_releases_the_hold(market: Market) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    busy(market.session)
+    with pytest.raises(NoMinerAvailableError) as raised:
+        async with market.service.complete(market.buyer, chat(max_tokens=8)):
+            pytest.fail("the completion started")
+    assert raised.value.retry_after == DISPATCH.retry_after_s
+    assert await market.entry_kinds() == [EntryKind.MINT, EntryKind.HOLD, EntryKind.RELEASE]
+    assert await market.balances() == (CREDIT, 0, 0, 0)
+
+
+# --- buyers who leave ---------------------------------------------------------------------------
+
+
+async def test_a_buyer_leaving_after_two_deltas_pays_for_two(market: Market) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    request = chat(max_tokens=16)
+    answer = text_ids(market.entry, "abcde")
+    miner = asyncio.create_task(
+        play_job(market.session, market.key, market.entry, answer, until_cancelled=True)
+    )
+    taken: list[str] = []
+    with pytest.raises(ConnectionResetError):
+        async with market.service.complete(market.buyer, request) as completion:
+            async for delta in completion:
+                if len(taken) == 2:
+                    # Writing the third delta fails: the buyer got two.
+                    raise ConnectionResetError("the buyer hung up")
+                taken.append(delta.text)
+    job, cancelled = await asyncio.wait_for(miner, WAIT_S)
+
+    assert cancelled, "the miner was not told to stop"
+    assert taken == ["a", "b"] and completion.usage.completion_tokens == 2
+    charged = cost(market, request, 2)
+    fee = charged * FEE_BPS // 10_000
+    assert await market.balances() == (CREDIT - charged, charged - fee, fee, 0)
+    row = await market.pool.fetchrow("SELECT * FROM coordinator_jobs WHERE job_id = $1", job.job_id)
+    assert row is not None
+    assert (row["completion_tokens"], row["cost"], row["finish_reason"], row["receipt"]) == (
+        2,
+        charged,
+        None,
+        None,
+    )
+    assert market.session.free_slots == 1
+
+
+async def test_a_cancelled_request_is_still_settled(market: Market) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    request = chat(max_tokens=16)
+    answer = text_ids(market.entry, "abcde")
+    miner = asyncio.create_task(
+        play_job(market.session, market.key, market.entry, answer, until_cancelled=True)
+    )
+    two_taken = asyncio.Event()
+
+    async def consume() -> None:
+        async with market.service.complete(market.buyer, request) as completion:
+            count = 0
+            async for _ in completion:
+                count += 1
+                if count == 3:  # came back after two
+                    two_taken.set()
+                    await asyncio.Event().wait()  # the HTTP handler blocks; the client leaves
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(two_taken.wait(), WAIT_S)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    _, cancelled = await asyncio.wait_for(miner, WAIT_S)
+    assert cancelled
+    charged = cost(market, request, 2)
+    fee = charged * FEE_BPS // 10_000
+    assert await market.balances() == (CREDIT - charged, charged - fee, fee, 0)
