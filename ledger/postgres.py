@@ -294,7 +294,7 @@ async def _lock(conn: _Connection, accounts: Iterable[AccountRef]) -> dict[Accou
     rows = await conn.fetch(
         "SELECT id, kind, owner, balance FROM ledger_accounts"
         " WHERE (kind, owner) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
-        " ORDER BY id FOR UPDATE",
+        " ORDER BY id FOR NO KEY UPDATE",
         [str(a.kind) for a in wanted],
         [a.owner for a in wanted],
     )

@@ -340,3 +340,28 @@ async def test_schema_creation_is_idempotent(db_pool: Pool) -> None:
     assert await second.balance(BUYER) == 42
     kinds = [b.account.kind for b in await again.balances()]
     assert sorted(kinds) == sorted(["issuance", "escrow", "fee", "buyer"])
+
+
+async def test_concurrent_settlements_to_one_miner_never_deadlock(
+    ledger: PostgresLedger, db_pool: Pool
+) -> None:
+    # Regression: settling locked the miner's row FOR UPDATE after the hold's foreign key had
+    # taken a key-share lock on it, so two settlements to one miner could deadlock.
+    buyer = AccountRef(AccountKind.BUYER, "busy-buyer")
+    miner = AccountRef(AccountKind.MINER, "busy-miner")
+    await ledger.open_account(buyer)
+    await ledger.open_account(miner)
+    await ledger.mint(buyer, 1_000_000)
+
+    async def request(index: int) -> None:
+        hold = await ledger.hold(buyer, 1_000, reference=ref(f"request-{index}"))
+        await ledger.settle(
+            hold, miner=miner, miner_credit=900, fee=50, reference=ref(f"receipt-{index}")
+        )
+
+    await asyncio.wait_for(asyncio.gather(*(request(i) for i in range(120))), timeout=60)
+    assert await ledger.balance(miner) == 120 * 900
+    assert await ledger.balance(buyer) == 1_000_000 - 120 * 950
+    open_holds = await db_pool.fetchval("SELECT count(*) FROM ledger_holds WHERE status = 'open'")
+    assert open_holds == 0
+    await assert_books_balance(ledger, db_pool)
