@@ -124,10 +124,14 @@ def test_known_answer_note() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    origin=st.text(st.characters(min_codepoint=0x20, exclude_characters="\n"), min_size=1),
+    origin=st.text(
+        st.characters(min_codepoint=0x20, exclude_characters="\n", codec="utf-8"), min_size=1
+    ),
     size=st.integers(0, 2**64 - 1),
     root_hash=st.binary(min_size=32, max_size=32),
-    extensions=st.lists(st.text(st.characters(min_codepoint=0x21), min_size=1), max_size=2),
+    extensions=st.lists(
+        st.text(st.characters(min_codepoint=0x21, codec="utf-8"), min_size=1), max_size=2
+    ),
 )
 def test_sign_parse_round_trip(
     origin: str, size: int, root_hash: bytes, extensions: list[str]
