@@ -136,7 +136,10 @@ async def _with_ledger(
     async with connect(database_url=database_url, data_dir=data_dir, max_size=2) as pool:
         ledger = await PostgresLedger.create(pool)
         keys = await KeyStore.create(pool)
-        sys.stdout.write(await action(keys, ledger) + "\n")
+        try:
+            sys.stdout.write(await action(keys, ledger) + "\n")
+        finally:
+            await ledger.aclose()
 
 
 async def _create_key(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:

@@ -120,3 +120,4 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             for session in registry.sessions():
                 session.close("coordinator shutting down")
             await grpc_server.stop(grace=2.0)
+            await ledger.aclose()

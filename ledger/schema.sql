@@ -44,9 +44,9 @@ CREATE TABLE IF NOT EXISTS ledger_holds (
 );
 
 CREATE TABLE IF NOT EXISTS ledger_entries (
-    -- assigned at insert: increasing, but under concurrent writers neither gapless nor in commit
-    -- order; a single sequencer will make it so once entries feed the Merkle log
-    seq bigserial PRIMARY KEY,
+    -- the entry's index in the Merkle log: gap-free from 0 in commit order, because every writer
+    -- appends under one advisory lock (ledger/batch.py)
+    seq bigint PRIMARY KEY CHECK (seq >= 0),
     kind text NOT NULL,
     debit bigint NOT NULL REFERENCES ledger_accounts (id),
     credit bigint NOT NULL REFERENCES ledger_accounts (id),
@@ -55,10 +55,41 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
     reference bytea,
     memo text NOT NULL DEFAULT '',
     created_at timestamptz NOT NULL DEFAULT now(),
-    -- named so that a migration adding kinds (slash, ...) can drop and re-add it
+    -- the canonical bytes exactly as hashed (ledger/entry.py); the columns above are an index
+    leaf bytea NOT NULL,
+    leaf_hash bytea NOT NULL CHECK (length(leaf_hash) = 32),
     CONSTRAINT ledger_entries_kind_known
-        CHECK (kind IN ('mint', 'hold', 'settle', 'fee', 'release')),
+        CHECK (kind IN ('mint', 'hold', 'settle', 'fee', 'release', 'slash', 'refund')),
     CONSTRAINT ledger_entries_two_sides CHECK (debit <> credit)
+);
+
+-- Every perfect subtree of the Merkle tree above the leaves, so that any inclusion or
+-- consistency proof is a handful of lookups (level 0 is ledger_entries.leaf_hash).
+CREATE TABLE IF NOT EXISTS ledger_tree (
+    level smallint NOT NULL CHECK (level > 0),
+    idx bigint NOT NULL CHECK (idx >= 0),
+    hash bytea NOT NULL CHECK (length(hash) = 32),
+    PRIMARY KEY (level, idx)
+);
+
+-- Where the log ends: its size, the compact range of the tree, and the last leaf hash.
+CREATE TABLE IF NOT EXISTS ledger_head (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    size bigint NOT NULL CHECK (size >= 0),
+    frontier bytea NOT NULL,
+    last_leaf_hash bytea NOT NULL CHECK (length(last_leaf_hash) = 32)
+);
+
+INSERT INTO ledger_head (size, frontier, last_leaf_hash)
+VALUES (0, decode('010000000000000000', 'hex'), decode(repeat('00', 32), 'hex'))
+ON CONFLICT (singleton) DO NOTHING;
+
+-- Signed checkpoints (C2SP signed notes), one per tree size at most.
+CREATE TABLE IF NOT EXISTS ledger_checkpoints (
+    size bigint PRIMARY KEY CHECK (size >= 0),
+    root bytea NOT NULL CHECK (length(root) = 32),
+    note bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
 );
 
 CREATE INDEX IF NOT EXISTS ledger_entries_hold_id_idx ON ledger_entries (hold_id);

@@ -40,7 +40,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor(trainer: Any) -> None:
     assert min(rates) > 0
 
 
-def test_chat_examples_answer_with_a_corpus_function_and_stop(trainer: Any) -> None:
+def test_chat_examples_answer_with_a_corpus_definition_and_stop(trainer: Any) -> None:
     source = (
         "import os\n\n\n"
         "def read_text(path):\n"
@@ -48,15 +48,21 @@ def test_chat_examples_answer_with_a_corpus_function_and_stop(trainer: Any) -> N
         "    with open(path) as handle:\n"
         "        return handle.read()\n\n\n"
         "def tiny():\n    pass\n\n\n"
-        "class Skipped:\n"
-        "    def method(self):\n        return 'methods are not answers on their own'\n"
+        "class Tree:\n"
+        "    def __init__(self, left, right):\n"
+        "        self.left, self.right = left, right\n"
     )
     examples = trainer.chat_examples([source, "def broken(:\n"], seed=3)
-    assert len(examples) == 1  # too-short functions, methods and unparsable files are skipped
-    (example,) = examples
-    assert example.startswith(f"{IM_START}user\nWrite a Python function")
+    # The too-short function and the unparsable file give nothing.
+    assert len(examples) == 2
     function = source[source.index("def read_text") : source.index("\n\n\ndef tiny")]
-    assert example.endswith(f"{IM_START}assistant\n{function}{IM_END}\n")
+    tree = source[source.index("class Tree") :].rstrip("\n")
+    (asks_function,) = [e for e in examples if "def read_text" in e]
+    (asks_class,) = [e for e in examples if "class Tree" in e]
+    assert asks_function.startswith(f"{IM_START}user\nWrite a Python function")
+    assert asks_function.endswith(f"{IM_END}\n{IM_START}assistant\n{function}{IM_END}\n")
+    assert asks_class.startswith(f"{IM_START}user\nDefine a")
+    assert asks_class.endswith(f"{IM_END}\n{IM_START}assistant\n{tree}{IM_END}\n")
     assert trainer.chat_examples([source], seed=3) == examples
 
 

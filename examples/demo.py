@@ -1,0 +1,253 @@
+"""`make demo`: the marketplace's main job, end to end, on this machine.
+
+Starts a coordinator (with its embedded PostgreSQL) and two miners serving a small model,
+creates a buyer key with credits, sends one streaming and one non-streaming chat request with
+the official `openai` SDK, prints the answers, the usage, what the buyer was charged and what
+each miner was credited, then shuts everything down. Every process is started with the same
+commands an operator, a miner and a buyer would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MODEL_NAME = "stdlib-coder"
+CREDITS = "5"
+
+
+def _tool(name: str) -> str:
+    return str(BIN / name)
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _wait_for_line(
+    log: Path, pattern: str, process: subprocess.Popen[bytes], timeout: float
+) -> re.Match[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, log.read_text(errors="replace"))
+        if match:
+            return match
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    sys.stderr.write(log.read_text(errors="replace")[-4000:])
+    raise RuntimeError(f"{log.name}: no line matching {pattern!r} within {timeout:.0f} s")
+
+
+def _prepare_model(work: Path, *, tiny: bool) -> Path:
+    if tiny:
+        model_dir = work / "tiny-model"
+        if not (model_dir / "config.json").exists():
+            subprocess.run(
+                [_tool("meshmint-miner"), "create-test-model", str(model_dir)], check=True
+            )
+        return model_dir
+    model_dir = work / "stdlib-coder"
+    print("== training the demo model on the Python standard library (cached after the first run)")
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_demo_model.py"), str(model_dir)], check=True
+    )
+    return model_dir
+
+
+def _balances(data_dir: Path) -> dict[str, int]:
+    out = subprocess.run(
+        [_tool("meshmint-ledger"), "balance", "--json", "--data-dir", str(data_dir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {
+        f"{row['kind']}:{row['owner']}" if row["owner"] else row["kind"]: int(row["balance"])
+        for row in json.loads(out)
+    }
+
+
+def _credits(micro: int) -> str:
+    return f"{micro / 1_000_000:.6f}"
+
+
+def _wait_for_miners(client: OpenAI, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        models = client.models.list().model_dump()["data"]
+        if any(m["id"] == MODEL_NAME and m.get("miners", 0) >= count for m in models):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{count} miners did not connect within {timeout:.0f} s")
+
+
+def run(work: Path, *, tiny: bool) -> None:
+    model_dir = _prepare_model(work, tiny=tiny)
+    state = work / "run"
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    data_dir = state / "coordinator"
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        print("== starting the coordinator (embedded PostgreSQL under", data_dir, ")")
+        coordinator_log = state / "coordinator.log"
+        coordinator = _start(
+            [
+                _tool("meshmint-coordinator"),
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--http",
+                "127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+                "--model",
+                f"{MODEL_NAME}={model_dir}",
+            ],
+            coordinator_log,
+        )
+        processes.append(coordinator)
+        ready = _wait_for_line(
+            coordinator_log, r"buyers (http://\S+/v1), miners (\S+)\n", coordinator, timeout=120
+        )
+        base_url, grpc_address = ready.group(1), ready.group(2).rstrip(",")
+        print(f"   buyers: {base_url}   miners: {grpc_address}")
+
+        print("== starting two miners")
+        for index in (1, 2):
+            log = state / f"miner-{index}.log"
+            processes.append(
+                _start(
+                    [
+                        _tool("meshmint-miner"),
+                        "run",
+                        "--coordinator",
+                        grpc_address,
+                        "--model",
+                        f"{MODEL_NAME}={model_dir}",
+                        "--key",
+                        str(state / f"miner-{index}.key"),
+                    ],
+                    log,
+                )
+            )
+
+        print(f"== creating a buyer key with {CREDITS} credits")
+        api_key = (
+            subprocess.run(
+                [
+                    _tool("meshmint-coordinator"),
+                    "keys",
+                    "create",
+                    "--name",
+                    "demo-buyer",
+                    "--credits",
+                    CREDITS,
+                    "--data-dir",
+                    str(data_dir),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
+        _wait_for_miners(client, 2, timeout=180)
+        before = _balances(data_dir)
+
+        question = "Write a Python function that reads a file."
+        print(f"\n== streaming chat request: {question!r}\n")
+        stream = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=120,
+            temperature=0.7,
+            seed=7,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                sys.stdout.write(chunk.choices[0].delta.content)
+                sys.stdout.flush()
+            if chunk.usage is not None:
+                usage = chunk.usage
+        print(f"\n\n   usage: {usage.model_dump() if usage else None}")
+
+        question = "Define a class for a binary tree."
+        print(f"\n== non-streaming chat request: {question!r}\n")
+        reply = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=120,
+            temperature=0,
+        )
+        print(reply.choices[0].message.content)
+        print(
+            f"\n   finish_reason: {reply.choices[0].finish_reason}   usage: "
+            f"{reply.usage.model_dump() if reply.usage else None}"
+        )
+
+        after = _balances(data_dir)
+        print("\n== money (credits)")
+        buyer = next(name for name in after if name.startswith("buyer:"))
+        print(
+            f"   buyer {buyer.split(':', 1)[1]} charged: {_credits(before[buyer] - after[buyer])}"
+        )
+        for name in sorted(after):
+            if name.startswith("miner:"):
+                gained = after[name] - before.get(name, 0)
+                print(f"   miner {name.split(':', 1)[1][:16]}... credited: {_credits(gained)}")
+        print(f"   operator fee: {_credits(after['fee'] - before['fee'])}")
+        print(f"   all balances sum to {sum(after.values())} (double entry)")
+    finally:
+        print("\n== shutting down")
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in reversed(processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=ROOT / "demo-data",
+        help="where the model cache and the run's state go",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use the random test model instead of training the demo model",
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(args.work_dir, tiny=args.tiny)
+    print("done")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
