@@ -12,6 +12,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from ledger.public import BalanceSnapshot
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -115,4 +117,33 @@ class InferenceService(Protocol):
         error that can happen before output (RequestError, NoMinerAvailableError) is raised
         here, before any response is sent. Leaving settles: the buyer pays for delivered tokens.
         """
+        ...
+
+
+class PublicLedger(Protocol):
+    """The read-only ledger that auditors and miners see over HTTP. No authentication."""
+
+    origin: str  # the log's name in its checkpoints
+    verifier_key: str  # C2SP verifier key of the checkpoint signer
+
+    async def latest_checkpoint(self) -> bytes | None:
+        """The newest signed checkpoint note, or None before the first."""
+        ...
+
+    async def checkpoints(self, start: int, limit: int) -> list[bytes]:
+        """Signed notes of checkpoints with size >= start, smallest first."""
+        ...
+
+    async def entries(self, start: int, limit: int) -> list[bytes]:
+        """Raw entry bytes for seq in [start, start + limit)."""
+        ...
+
+    async def balances(self) -> BalanceSnapshot: ...
+
+    async def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """Raises ValueError when index or size are outside the log."""
+        ...
+
+    async def consistency_proof(self, old_size: int, new_size: int) -> list[bytes]:
+        """Raises ValueError when the sizes are outside the log."""
         ...

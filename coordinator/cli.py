@@ -22,6 +22,7 @@ from coordinator.dispatch import DispatchConfig
 from coordinator.keys import KeyStore
 from coordinator.server import run_coordinator
 from coordinator.service import BillingConfig
+from ledger.checkpointer import SequencerFencedError
 from ledger.database import connect
 from ledger.interface import AccountKind, AccountRef, LedgerError
 from ledger.money import format_credits, parse_credits
@@ -80,6 +81,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--fee-bps", type=int, default=500, help="operator fee in basis points (default 500 = 5%%)"
+    )
+    serve.add_argument(
+        "--ledger-key",
+        type=Path,
+        metavar="FILE",
+        help="Ed25519 key that signs ledger checkpoints (default DATA_DIR/ledger.key, created)",
+    )
+    serve.add_argument(
+        "--ledger-origin",
+        default="meshmint.local/ledger",
+        metavar="NAME",
+        help="the ledger log's name in its checkpoints; set once, never change",
     )
     serve.add_argument(
         "--first-token-timeout",
@@ -185,6 +198,8 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         grpc_port=args.grpc[1],
         dispatch=DispatchConfig(first_token_timeout_s=args.first_token_timeout),
         billing=BillingConfig(fee_bps=args.fee_bps),
+        ledger_key_path=args.ledger_key,
+        ledger_origin=args.ledger_origin,
     )
 
 
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_with_ledger(args, functools.partial(action, args)))
     except KeyboardInterrupt:
         return 130
-    except (UsageError, ValueError, OSError, LedgerError) as error:
+    except (UsageError, ValueError, OSError, LedgerError, SequencerFencedError) as error:
         # ValueError covers catalog and tokenizer errors; OSError unreachable databases/ports.
         sys.stderr.write(f"meshmint-coordinator: {error}\n")
         return 2

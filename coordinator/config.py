@@ -35,3 +35,10 @@ class CoordinatorConfig:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)  # failover and timeouts
     billing: BillingConfig = field(default_factory=BillingConfig)  # the operator's fee
     max_body_bytes: int = 4 * 1024 * 1024  # largest HTTP request body accepted
+    ledger_key_path: Path | None = None  # Ed25519 checkpoint signing key; None: data_dir/ledger.key
+    ledger_origin: str = "meshmint.local/ledger"  # the log's name in every checkpoint; never change
+    checkpoint_interval_s: float = 0.5  # how often a new checkpoint is signed while entries arrive
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.ledger_key_path or self.data_dir / "ledger.key"

@@ -17,13 +17,18 @@ from coordinator.dispatch import Dispatcher
 from coordinator.gateway.servicer import MinerGateway
 from coordinator.gateway.session import MinerSession
 from coordinator.http.app import create_app
+from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.job_log import JobLog
 from coordinator.keys import KeyStore
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router
 from coordinator.service import MarketplaceService, miner_account
+from ledger.checkpoint import CheckpointSigner
+from ledger.checkpointer import Checkpointer, CheckpointerConfig
 from ledger.database import connect
+from ledger.keyfile import load_or_create_key
 from ledger.postgres import PostgresLedger
+from ledger.public import PublishedLedger
 from proto import miner_pb2_grpc
 from proto.limits import MAX_COORDINATOR_MESSAGE_BYTES, MAX_MINER_MESSAGE_BYTES
 
@@ -59,6 +64,12 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
     catalog = await asyncio.to_thread(build_catalog, config.catalog)
     async with connect(database_url=config.database_url, data_dir=config.data_dir) as pool:
         ledger = await PostgresLedger.create(pool)
+        signing_key, created = load_or_create_key(
+            config.signing_key_path, what="ledger signing key"
+        )
+        if created:
+            logger.info("created a ledger signing key in %s", config.signing_key_path)
+        signer = CheckpointSigner(config.ledger_origin, signing_key)
         keys = await KeyStore.create(pool)
         job_log = await JobLog.create(pool)
         registry = MinerRegistry()
@@ -91,29 +102,39 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         miner_pb2_grpc.add_MinerGatewayServicer_to_server(gateway, grpc_server)
         grpc_port = grpc_server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
         await grpc_server.start()
-        runner = web.AppRunner(create_app(service, max_body_bytes=config.max_body_bytes))
+        app = create_app(service, max_body_bytes=config.max_body_bytes)
+        published = PublishedLedger(
+            pool, origin=config.ledger_origin, verifier_key=signer.verifier_key
+        )
+        add_ledger_routes(app, published)
+        runner = web.AppRunner(app)
+        checkpoints = Checkpointer.running(
+            pool, signer, CheckpointerConfig(config.ledger_origin, config.checkpoint_interval_s)
+        )
         try:
             await runner.setup()
             site = web.TCPSite(runner, config.http_host, config.http_port)
             await site.start()
             http_port = int(runner.addresses[0][1])
-            logger.info(
-                "coordinator ready: HTTP on %s:%d, miners on %s:%d, models %s",
-                config.http_host,
-                http_port,
-                config.grpc_host,
-                grpc_port,
-                sorted(catalog.names()),
-            )
-            yield RunningCoordinator(
-                http_port=http_port,
-                grpc_port=grpc_port,
-                catalog=catalog,
-                ledger=ledger,
-                keys=keys,
-                registry=registry,
-                service=service,
-            )
+            async with checkpoints:
+                logger.info(
+                    "coordinator ready: HTTP on %s:%d, miners on %s:%d, models %s, ledger key %s",
+                    config.http_host,
+                    http_port,
+                    config.grpc_host,
+                    grpc_port,
+                    sorted(catalog.names()),
+                    signer.verifier_key,
+                )
+                yield RunningCoordinator(
+                    http_port=http_port,
+                    grpc_port=grpc_port,
+                    catalog=catalog,
+                    ledger=ledger,
+                    keys=keys,
+                    registry=registry,
+                    service=service,
+                )
         finally:
             logger.info("coordinator shutting down")
             await runner.cleanup()

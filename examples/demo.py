@@ -117,6 +117,11 @@ def run(work: Path, *, tiny: bool) -> None:
                 "127.0.0.1:0",
                 "--model",
                 f"{MODEL_NAME}={model_dir}",
+                # Prices high enough that the 5% operator fee is visible on a short answer.
+                "--input-price",
+                "2",
+                "--output-price",
+                "6",
             ],
             coordinator_log,
         )
