@@ -22,7 +22,7 @@ from coordinator.dispatch import DispatchConfig
 from coordinator.keys import KeyStore
 from coordinator.server import run_coordinator
 from coordinator.service import BillingConfig
-from ledger.checkpointer import SequencerFencedError
+from ledger.checkpointer import SequencerFencedError, SigningKeyChangedError
 from ledger.database import connect
 from ledger.interface import AccountKind, AccountRef, LedgerError
 from ledger.money import format_credits, parse_credits
@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="Ed25519 key that signs ledger checkpoints (default DATA_DIR/ledger.key, created)",
+    )
+    serve.add_argument(
+        "--rotate-ledger-key",
+        action="store_true",
+        help="start even though the last checkpoint was signed by another key (key rotation)",
     )
     serve.add_argument(
         "--ledger-origin",
@@ -200,6 +205,7 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         billing=BillingConfig(fee_bps=args.fee_bps),
         ledger_key_path=args.ledger_key,
         ledger_origin=args.ledger_origin,
+        rotate_ledger_key=args.rotate_ledger_key,
     )
 
 
@@ -220,7 +226,14 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_with_ledger(args, functools.partial(action, args)))
     except KeyboardInterrupt:
         return 130
-    except (UsageError, ValueError, OSError, LedgerError, SequencerFencedError) as error:
+    except (
+        UsageError,
+        ValueError,
+        OSError,
+        LedgerError,
+        SequencerFencedError,
+        SigningKeyChangedError,
+    ) as error:
         # ValueError covers catalog and tokenizer errors; OSError unreachable databases/ports.
         sys.stderr.write(f"meshmint-coordinator: {error}\n")
         return 2

@@ -38,6 +38,7 @@ class CoordinatorConfig:
     ledger_key_path: Path | None = None  # Ed25519 checkpoint signing key; None: data_dir/ledger.key
     ledger_origin: str = "meshmint.local/ledger"  # the log's name in every checkpoint; never change
     checkpoint_interval_s: float = 0.5  # how often a new checkpoint is signed while entries arrive
+    rotate_ledger_key: bool = False  # accept a signing key other than the last checkpoint's
 
     @property
     def signing_key_path(self) -> Path:

@@ -20,6 +20,7 @@ from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.job_log import JobLog
 from coordinator.keys import KeyStore
+from coordinator.receipts import LedgerReceipts
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router
 from coordinator.service import MarketplaceService, miner_account
@@ -74,6 +75,9 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         job_log = await JobLog.create(pool)
         registry = MinerRegistry()
         dispatcher = Dispatcher(config.dispatch, registry=registry, router=Router())
+        receipts = LedgerReceipts(
+            pool, registry=registry, origin=config.ledger_origin, verifier_key=signer.verifier_key
+        )
         service = MarketplaceService(
             config.billing,
             catalog=catalog,
@@ -82,13 +86,18 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             registry=registry,
             dispatcher=dispatcher,
             job_log=job_log,
+            on_credit=receipts.credited,
         )
 
         async def open_miner_account(session: MinerSession) -> None:
             await ledger.open_account(miner_account(session.miner_id))
 
         gateway = MinerGateway(
-            config.gateway, catalog=catalog, registry=registry, on_welcome=open_miner_account
+            config.gateway,
+            catalog=catalog,
+            registry=registry,
+            on_welcome=open_miner_account,
+            receipts=receipts,
         )
         grpc_server = grpc.aio.server(
             options=[
@@ -109,14 +118,24 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         add_ledger_routes(app, published)
         runner = web.AppRunner(app)
         checkpoints = Checkpointer.running(
-            pool, signer, CheckpointerConfig(config.ledger_origin, config.checkpoint_interval_s)
+            pool,
+            signer,
+            CheckpointerConfig(
+                config.ledger_origin,
+                config.checkpoint_interval_s,
+                allow_key_rotation=config.rotate_ledger_key,
+            ),
         )
         try:
             await runner.setup()
             site = web.TCPSite(runner, config.http_host, config.http_port)
             await site.start()
             http_port = int(runner.addresses[0][1])
-            async with checkpoints:
+            async with checkpoints, receipts.running():
+                # Fenced now: no other coordinator runs, so open holds belong to dead requests.
+                orphaned = await ledger.release_open_holds()
+                if orphaned:
+                    logger.warning("released %d holds left open by a previous run", orphaned)
                 logger.info(
                     "coordinator ready: HTTP on %s:%d, miners on %s:%d, models %s, ledger key %s",
                     config.http_host,

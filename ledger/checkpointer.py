@@ -17,7 +17,12 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from ledger.checkpoint import Checkpoint, CheckpointSigner
+from ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointSigner,
+    parse_signed_checkpoint,
+)
 from ledger.log_reader import LogReader, StoredCheckpoint
 from ledger.merkle import verify_consistency
 
@@ -31,10 +36,15 @@ SEQUENCER_LOCK_KEY = 0x6D6D7365716E6372
 class CheckpointerConfig:
     origin: str  # the log's name, the first line of every checkpoint; never change it
     interval_s: float = 0.5  # how often new entries are looked for (well under once a second)
+    allow_key_rotation: bool = False  # sign even though the last checkpoint used another key
 
 
 class SequencerFencedError(RuntimeError):
     """Another process holds the sequencer lock of this database."""
+
+
+class SigningKeyChangedError(RuntimeError):
+    """The last checkpoint was signed by another key, and rotation was not asked for."""
 
 
 class LogForkError(RuntimeError):
@@ -74,6 +84,7 @@ class Checkpointer:
                 )
             try:
                 checkpointer.latest = await checkpointer._reader.latest_checkpoint()
+                checkpointer._check_signer()
                 await checkpointer.checkpoint()
                 task = asyncio.create_task(checkpointer._loop())
                 try:
@@ -85,6 +96,24 @@ class Checkpointer:
                     await checkpointer.checkpoint()
             finally:
                 await fence.execute("SELECT pg_advisory_unlock($1)", SEQUENCER_LOCK_KEY)
+
+    def _check_signer(self) -> None:
+        latest = self.latest
+        if latest is None:
+            return
+        try:
+            parse_signed_checkpoint(latest.note, self._signer.verifier, origin=self._config.origin)
+        except CheckpointError as error:
+            if not self._config.allow_key_rotation:
+                raise SigningKeyChangedError(
+                    f"the last checkpoint of this ledger does not verify with the signing key "
+                    f"{self._signer.verifier_key} ({error}); start with the original key "
+                    "(--ledger-key) or rotate on purpose (--rotate-ledger-key, docs/ledger.md)"
+                ) from None
+            logger.warning(
+                "rotating the ledger signing key to %s: publish it to auditors and miners",
+                self._signer.verifier_key,
+            )
 
     async def checkpoint(self) -> StoredCheckpoint | None:
         """Signs the current tree if it grew since the last checkpoint; returns the latest."""

@@ -1,8 +1,11 @@
 """``meshmint-ledger``: inspect the ledger from a shell.
 
     meshmint-ledger balance [--json] [--database-url URL] [--data-dir DIR]
+    meshmint-ledger audit (--coordinator URL | --dump FILE) [--trusted-checkpoint FILE]
+                          [--verifier-key VKEY] [--json]
 
-Exit status: 0 on success, 2 when the ledger cannot be reached or read (one line on stderr).
+Exit status: 0 on success, 1 when an audit has findings, 2 when the ledger cannot be reached or
+read (one line on stderr).
 """
 
 from __future__ import annotations
@@ -20,6 +23,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from ledger.audit import audit
+from ledger.audit_report import ProgressBar, render_text, report_json
+from ledger.audit_source import AuditSource, AuditSourceError, DumpAuditSource, HttpAuditSource
+from ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    Verifier,
+    parse_signed_checkpoint,
+    parse_verifier_key,
+)
 from ledger.database import EMBEDDED_SUBDIR, connect
 from ledger.interface import AccountBalance
 from ledger.money import format_credits
@@ -47,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     # pgserver logs whole server logs on failure; the one-line error below is what users need.
     logging.getLogger("pgserver").setLevel(logging.CRITICAL)
     try:
+        if args.command == "audit":
+            return _audit(args)
         if args.command == "balance":
             data_dir = args.data_dir.expanduser()
             if not args.database_url:
@@ -85,7 +100,79 @@ def _parser(*, default_url: str | None, default_data_dir: Path) -> argparse.Argu
         help="the coordinator's data dir, for its embedded server"
         " (default: $MESHMINT_DATA_DIR, else ~/.meshmint/coordinator)",
     )
+    audit = commands.add_parser(
+        "audit", help="check the whole ledger from outside: signatures, roots, balances, holds"
+    )
+    where = audit.add_mutually_exclusive_group(required=True)
+    where.add_argument("--coordinator", metavar="URL", help="the coordinator's base URL")
+    where.add_argument("--dump", type=Path, metavar="FILE", help="a ledger dump file")
+    audit.add_argument(
+        "--trusted-checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="a signed checkpoint kept from an earlier audit: the log must still extend it",
+    )
+    audit.add_argument(
+        "--verifier-key",
+        metavar="VKEY",
+        help="the log's checkpoint key (default: the one the operator publishes; pin it)",
+    )
+    audit.add_argument("--json", action="store_true", help="print JSON instead of a report")
     return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    """``meshmint-ledger audit``: 0 clean, 1 findings; CliError when it cannot audit."""
+    source: AuditSource = (
+        HttpAuditSource(args.coordinator) if args.coordinator else DumpAuditSource(args.dump)
+    )
+    progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    notes: list[str] = []
+    try:
+        with source:
+            published = source.key()
+            vkey = args.verifier_key or published.verifier_key
+            if args.verifier_key and args.verifier_key != published.verifier_key:
+                notes.append(f"the operator publishes a different key: {published.verifier_key}")
+            try:
+                verifier = parse_verifier_key(vkey)
+            except CheckpointError as exc:
+                raise CliError(f"verifier key {vkey!r}: {exc}") from exc
+            trusted = None
+            if args.trusted_checkpoint:
+                trusted = _trusted(args.trusted_checkpoint, verifier, published.origin)
+            report = audit(
+                source.audit_input(),
+                verifier=verifier,
+                origin=published.origin,
+                trusted=trusted,
+                progress=progress,
+            )
+    except AuditSourceError as exc:
+        raise CliError(f"cannot audit {source.description}: {exc}") from exc
+    finally:
+        if progress is not None:
+            progress.close()
+    render = report_json if args.json else render_text
+    shown = render(
+        report,
+        source=source.description,
+        origin=published.origin,
+        verifier_key=vkey,
+        key_pinned=bool(args.verifier_key),
+        notes=notes,
+    )
+    sys.stdout.write(shown if isinstance(shown, str) else json.dumps(shown, indent=2) + "\n")
+    return 0 if report.ok else 1
+
+
+def _trusted(path: Path, verifier: Verifier, origin: str) -> Checkpoint:
+    try:
+        return parse_signed_checkpoint(path.read_bytes(), verifier, origin=origin)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except CheckpointError as exc:
+        raise CliError(f"trusted checkpoint {path}: {exc}") from exc
 
 
 def _check_data_dir(data_dir: Path) -> None:

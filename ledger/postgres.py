@@ -137,6 +137,19 @@ class PostgresLedger:
         assert isinstance(outcome, Settlement)
         return outcome
 
+    async def release_open_holds(self) -> int:
+        """Releases every open hold; returns how many. Only for a sequencer starting up: no
+        request survives a restart, so a hold still open belongs to a request that died with the
+        previous process and would otherwise keep the buyer's money in escrow forever."""
+        rows = await self._pool.fetch(
+            "SELECT h.id, h.amount, a.kind, a.owner FROM ledger_holds AS h"
+            " JOIN ledger_accounts AS a ON a.id = h.buyer WHERE h.status = 'open'"
+        )
+        await asyncio.gather(
+            *(self.release(Hold(r["id"], _ref(r["kind"], r["owner"]), r["amount"])) for r in rows)
+        )
+        return len(rows)
+
     async def balance(self, account: AccountRef) -> int:
         balance: int | None = await self._pool.fetchval(
             "SELECT balance FROM ledger_accounts WHERE kind = $1 AND owner = $2",
