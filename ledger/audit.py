@@ -14,7 +14,8 @@ integer per account and per open hold):
   contradicts, i.e. the operator signed two heads that are not prefixes of one log
   (``checkpoint.inconsistent``) -- and checkpoints larger than the log (``checkpoint.beyond_log``,
   ``log.truncated``);
-- a checkpoint the auditor kept from earlier is still a prefix of the log (``trusted.missing``
+- a checkpoint the auditor kept from earlier is still published (``trusted.withdrawn``) and
+  still a prefix of the log (``trusted.missing``
   when the log is now shorter, ``trusted.inconsistent`` when its root differs: history was
   rewritten, whatever the operator has re-signed since);
 - the balances recomputed from the entries equal the published ones at the size they were
@@ -288,6 +289,13 @@ def audit(
     _check_heads(heads, replay, findings.add)
     if trusted is not None:
         _check_trusted(trusted, origin, replay, findings.add)
+        if trusted.origin == origin and trusted.root_hash not in heads.get(trusted.size, []):
+            # The operator signed it (we hold it) but no longer publishes it: checkpoints are
+            # never deleted, so someone removed evidence.
+            findings.add(
+                "trusted.withdrawn",
+                f"the operator no longer publishes the trusted checkpoint of size {trusted.size}",
+            )
     _check_balances(source, replay, findings.add)
     latest = max(heads, default=None)
     return AuditReport(

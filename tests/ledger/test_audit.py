@@ -335,7 +335,8 @@ def test_history_rewritten_and_re_signed_is_caught_only_by_a_trusted_checkpoint(
 
     assert run(forged.source()).ok  # self-consistent: nothing inside the log can tell
     report = run(forged.source(), trusted=trusted)
-    assert codes(report) == {"trusted.inconsistent"}
+    # The forged log contradicts the checkpoint we hold, and no longer publishes it.
+    assert codes(report) == {"trusted.inconsistent", "trusted.withdrawn"}
     assert run(honest.source(), trusted=trusted).ok
 
     shortened = forged.source(entries=forged.entries[:40], checkpoints=[], balances_size=40)
@@ -345,6 +346,10 @@ def test_history_rewritten_and_re_signed_is_caught_only_by_a_trusted_checkpoint(
 def test_a_missing_checkpoint_is_fine_an_altered_one_is_not() -> None:
     log = busy_log()
     assert run(log.source(checkpoints=log.checkpoints[:2] + log.checkpoints[3:])).ok
+    # ... unless the auditor kept that checkpoint: deleting a signed checkpoint is evidence lost.
+    kept = parse_signed_checkpoint(log.checkpoints[2], SIGNER.verifier)
+    withdrawn = log.source(checkpoints=log.checkpoints[:2] + log.checkpoints[3:])
+    assert codes(run(withdrawn, trusted=kept)) == {"trusted.withdrawn"}
     notes = list(log.checkpoints)
     body, signature = notes[2].split(b"\n\n")
     lines = body.split(b"\n")
