@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -33,6 +33,7 @@ from coordinator.errors import (
 )
 from coordinator.job_log import JobLog, JobRecord
 from coordinator.keys import KeyStore
+from coordinator.receipts import CreditedJob
 from coordinator.registry import MinerRegistry
 from coordinator.tokenization import ChatTemplateError
 from ledger.interface import AccountKind, AccountRef, Hold, InsufficientFundsError, Ledger
@@ -79,7 +80,9 @@ class MarketplaceService:
         registry: MinerRegistry,
         dispatcher: Dispatcher,
         job_log: JobLog,
+        on_credit: Callable[[CreditedJob], None] | None = None,
     ) -> None:
+        """``on_credit`` hears of every settlement that credited a miner, once it committed."""
         self._billing = billing
         self._catalog = catalog
         self._keys = keys
@@ -87,6 +90,7 @@ class MarketplaceService:
         self._registry = registry
         self._dispatcher = dispatcher
         self._job_log = job_log
+        self._on_credit = on_credit
 
     async def authenticate(self, api_key: str) -> Buyer:
         return await self._keys.authenticate(api_key)
@@ -225,13 +229,18 @@ class MarketplaceService:
                     if completion.verified is not None
                     else hashlib.sha256(completion.run.job.job_id.encode()).digest()
                 )
-                await self._ledger.settle(
+                miner_id = completion.run.session.miner_id
+                settlement = await self._ledger.settle(
                     hold,
-                    miner=miner_account(completion.run.session.miner_id),
+                    miner=miner_account(miner_id),
                     miner_credit=cost - fee,
                     fee=fee,
                     reference=reference,
                 )
+                if self._on_credit is not None and settlement.miner_credit > 0:
+                    self._on_credit(
+                        CreditedJob(completion.run.job.job_id, miner_id, settlement.hold_id)
+                    )
             if completion is not None:
                 await self._job_log.record(JobRecord.of(buyer, completion, cost=cost))
         except Exception:

@@ -1,7 +1,7 @@
-"""``meshmint-miner``: run a miner, show its identity, write the test model.
+"""``meshmint-miner``: run a miner, show its identity and earnings, write the test model.
 
-Exit codes: 0 done, 1 failure (unusable key, model that will not load), 2 bad arguments,
-3 refused by the coordinator, 130 interrupted.
+Exit codes: 0 done, 1 failure (unusable key, model that will not load, a stored receipt that
+no longer verifies), 2 bad arguments, 3 refused by the coordinator, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from miner.config import (
     DEVICES,
     DTYPES,
     MinerConfig,
+    default_witness_dir,
     parse_coordinator,
     parse_model_spec,
 )
 from miner.engine.base import Engine, ModelLoadError
 from miner.errors import IdentityError, MinerRefusedError
 from miner.identity import Identity, load_or_create_identity
+from miner.witness_store import WitnessError
 
 if TYPE_CHECKING:
     from miner.daemon import MinerDaemon
@@ -50,7 +52,7 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; one sub-parser per command (``earnings`` will be the next one)."""
+    """The argument parser; one sub-parser per command."""
     parser = argparse.ArgumentParser(
         prog="meshmint-miner", description="Serve models to a meshmint coordinator."
     )
@@ -88,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     identity = commands.add_parser("id", help="print this miner's id (creates the key if needed)")
     _add_key_argument(identity)
     _add_log_level_argument(identity)
+
+    earnings = commands.add_parser(
+        "earnings", help="show what this miner was credited, each proof verified again offline"
+    )
+    _add_key_argument(earnings)
+    earnings.add_argument("--json", action="store_true", help="print one JSON document")
+    _add_log_level_argument(earnings)
     return parser
 
 
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _command_run,
         "create-test-model": _command_create_test_model,
         "id": _command_id,
+        "earnings": _command_earnings,
     }
     try:
         return commands[args.command](args, key_path)
@@ -140,6 +150,20 @@ def _command_id(args: argparse.Namespace, key_path: Path | None) -> int:
     return EXIT_OK
 
 
+def _command_earnings(args: argparse.Namespace, key_path: Path | None) -> int:
+    from miner.earnings import as_json, as_text, read_earnings
+
+    assert key_path is not None
+    if not key_path.expanduser().exists():
+        # Creating a key here would show the earnings of a miner that never ran.
+        _error(f"no miner key at {key_path}; give the key the miner runs with (--key)")
+        return EXIT_FAILURE
+    identity = load_or_create_identity(key_path)
+    earnings = read_earnings(default_witness_dir(key_path), miner_id=identity.miner_id)
+    sys.stdout.write(as_json(earnings) if args.json else as_text(earnings))
+    return EXIT_OK if earnings.all_verified else EXIT_FAILURE
+
+
 def _command_create_test_model(args: argparse.Namespace, key_path: Path | None) -> int:
     from miner.test_model import create_test_model
     from proto.weights_digest import weights_sha256
@@ -160,6 +184,9 @@ def _command_run(args: argparse.Namespace, key_path: Path | None) -> int:
         return EXIT_REFUSED
     except ModelLoadError as err:
         _error(f"cannot load a model: {err}")
+        return EXIT_FAILURE
+    except WitnessError as err:
+        _error(str(err))
         return EXIT_FAILURE
     except asyncio.CancelledError:
         # A second signal cancelled the daemon instead of waiting for the drain.
@@ -183,6 +210,7 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
             device=None if args.device == "auto" else args.device,
             dtype=None if args.dtype == "auto" else args.dtype,
             drain_timeout_s=args.drain_timeout,
+            witness_dir=default_witness_dir(key_path),
         )
     except ValueError as err:
         raise _UsageError(str(err)) from err

@@ -48,6 +48,9 @@ class MinerConfig:
     handshake_timeout_s: float = 15.0
     # HTTP/2 keepalive ping period, so NAT boxes keep the idle connection open.
     keepalive_s: float = 20.0
+    # Where verified credit receipts and the latest ledger checkpoint are kept
+    # (miner/witness_store.py); None: receipts are not checked (the CLI always sets it).
+    witness_dir: Path | None = None
 
     def __post_init__(self) -> None:
         parse_coordinator(self.coordinator)
@@ -88,3 +91,12 @@ def parse_model_spec(text: str) -> ModelSpec:
     if not path.is_dir():
         raise ValueError(f"model directory for {name!r} does not exist: {path}")
     return ModelSpec(name=name, path=path)
+
+
+def default_witness_dir(key_path: Path) -> Path:
+    """Where a miner keeps its credit receipts and checkpoint: beside its key, named after it
+    (``~/.meshmint/miner/identity.key`` -> ``~/.meshmint/miner/identity.ledger/``), so that
+    several identities in one directory never share receipts."""
+    path = Path(key_path).expanduser()
+    beside = path.with_suffix(".ledger")
+    return beside if beside != path else path.with_name(path.name + ".ledger")

@@ -20,6 +20,8 @@ from miner.errors import ConnectionLostError
 from miner.hardware import detect_hardware
 from miner.identity import Identity
 from miner.session import Session
+from miner.witness import Witness
+from miner.witness_store import WitnessStore
 from proto import miner_pb2
 from proto.limits import PROTOCOL_VERSION
 
@@ -110,6 +112,11 @@ class MinerDaemon:
             raise RuntimeError("MinerDaemon.run() may be called only once")
         self._started = True
         hello = await asyncio.to_thread(self.hello)
+        witness: Witness | None = None
+        if self._config.witness_dir is not None:
+            # Raises WitnessError when the stored checkpoint is damaged: better not to start.
+            store = await asyncio.to_thread(WitnessStore.open, self._config.witness_dir)
+            witness = Witness(store, miner_id=self._identity.miner_id)
         attempt = 0
         while not self._stopping.is_set():
             logger.info("connecting to %s", self._config.coordinator)
@@ -119,6 +126,7 @@ class MinerDaemon:
                 identity=self._identity,
                 engines=self._engines,
                 stopping=self._stopping,
+                witness=witness,
             )
             try:
                 await session.run()

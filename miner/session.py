@@ -20,6 +20,7 @@ from miner.engine.base import Engine
 from miner.errors import ConnectionLostError, MinerRefusedError
 from miner.identity import Identity
 from miner.jobs import JobRunner, StopReason, failure
+from miner.witness import Witness, WitnessLink
 from proto import miner_pb2, miner_pb2_grpc
 from proto.limits import MAX_COORDINATOR_MESSAGE_BYTES, MAX_MINER_MESSAGE_BYTES
 from proto.signing import challenge_message
@@ -73,7 +74,9 @@ class Session:
         identity: Identity,
         engines: Mapping[str, Engine],
         stopping: asyncio.Event,
+        witness: Witness | None = None,
     ) -> None:
+        """``witness`` checks the coordinator's credit receipts; None ignores them."""
         self._config = config
         self._hello = hello
         self._identity = identity
@@ -83,6 +86,8 @@ class Session:
             engines, identity=identity, send=self._send, max_concurrency=config.max_concurrency
         )
         self._draining = False
+        self._witness = witness
+        self._witness_link: WitnessLink | None = None
         self.welcome: miner_pb2.Welcome | None = None
         """The coordinator's Welcome, once the handshake succeeded."""
 
@@ -102,6 +107,8 @@ class Session:
                 call.cancel()
 
     def _send(self, message: miner_pb2.MinerMessage) -> None:
+        if self._witness is not None and message.WhichOneof("body") == "result":
+            self._witness.job_result(message.result)
         self._outbox.put_nowait(message)
 
     async def _requests(self) -> AsyncIterator[miner_pb2.MinerMessage]:
@@ -183,6 +190,8 @@ class Session:
             self._identity.miner_id,
             interval,
         )
+        if self._witness is not None:
+            self._witness_link = self._witness.attach(self.welcome, self._send)
         reader = asyncio.create_task(self._read_loop(call, interval * _DEAD_AFTER_INTERVALS))
         heartbeats = asyncio.create_task(self._heartbeats(interval))
         stopping = asyncio.create_task(self._stopping.wait())
@@ -195,6 +204,8 @@ class Session:
             for task in (reader, heartbeats, stopping):
                 task.cancel()
             await asyncio.gather(reader, heartbeats, stopping, return_exceptions=True)
+            if self._witness_link is not None:
+                await self._witness_link.aclose()
             # Whatever is still running has nobody left to report to.
             await self._runner.stop_all(StopReason.DISCONNECT)
 
@@ -210,6 +221,9 @@ class Session:
             elif kind == "cancel":
                 if not self._runner.stop(message.cancel.job_id, StopReason.COORDINATOR):
                     logger.debug("CancelJob for %s, which is not running", message.cancel.job_id)
+            elif kind in ("credit_receipt", "consistency_proof"):
+                if self._witness_link is not None:
+                    self._witness_link.handle(message)
             elif kind != "heartbeat":
                 logger.warning("ignoring an unexpected %s from the coordinator", kind)
 

@@ -14,6 +14,12 @@ A miner sits behind a home router, so it opens ONE outbound bidirectional stream
                    <------------ Job, CancelJob, Heartbeat ...
   TokenChunk, JobResult, JobFailure, Heartbeat, Drain ------------>
 
+Every miner is also a witness of the ledger (a Merkle log with signed checkpoints):
+                   <------------ CreditReceipt (entry, inclusion proof, checkpoint)
+  ConsistencyRequest ---------->
+                   <------------ ConsistencyProof
+  WitnessAlarm     ------------>  (a proof failed: fork or tampering)
+
 Message-size limits are explicit (proto/limits.py) and enforced on both ends.
 Python code generated from this file is committed: regenerate with `make proto`.
 """
@@ -99,6 +105,8 @@ class MinerMessage(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_REQUEST_FIELD_NUMBER: _builtins.int
+    WITNESS_ALARM_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -113,6 +121,10 @@ class MinerMessage(_message.Message):
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def drain(self) -> Global___Drain: ...
+    @_builtins.property
+    def consistency_request(self) -> Global___ConsistencyRequest: ...
+    @_builtins.property
+    def witness_alarm(self) -> Global___WitnessAlarm: ...
     def __init__(
         self,
         *,
@@ -123,12 +135,14 @@ class MinerMessage(_message.Message):
         failure: Global___JobFailure | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         drain: Global___Drain | None = ...,
+        consistency_request: Global___ConsistencyRequest | None = ...,
+        witness_alarm: Global___WitnessAlarm | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "chunk", b"chunk", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "chunk", b"chunk", "consistency_request", b"consistency_request", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "witness_alarm", b"witness_alarm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "chunk", b"chunk", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "chunk", b"chunk", "consistency_request", b"consistency_request", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "witness_alarm", b"witness_alarm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "answer", "chunk", "result", "failure", "heartbeat", "drain"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "answer", "chunk", "result", "failure", "heartbeat", "drain", "consistency_request", "witness_alarm"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -146,6 +160,8 @@ class CoordinatorMessage(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    CREDIT_RECEIPT_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_PROOF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def challenge(self) -> Global___Challenge: ...
     @_builtins.property
@@ -158,6 +174,10 @@ class CoordinatorMessage(_message.Message):
     def cancel(self) -> Global___CancelJob: ...
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
+    @_builtins.property
+    def credit_receipt(self) -> Global___CreditReceipt: ...
+    @_builtins.property
+    def consistency_proof(self) -> Global___ConsistencyProof: ...
     def __init__(
         self,
         *,
@@ -167,12 +187,14 @@ class CoordinatorMessage(_message.Message):
         job: Global___Job | None = ...,
         cancel: Global___CancelJob | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        credit_receipt: Global___CreditReceipt | None = ...,
+        consistency_proof: Global___ConsistencyProof | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "challenge", b"challenge", "heartbeat", b"heartbeat", "job", b"job", "refusal", b"refusal", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "challenge", b"challenge", "consistency_proof", b"consistency_proof", "credit_receipt", b"credit_receipt", "heartbeat", b"heartbeat", "job", b"job", "refusal", b"refusal", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "challenge", b"challenge", "heartbeat", b"heartbeat", "job", b"job", "refusal", b"refusal", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "challenge", b"challenge", "consistency_proof", b"consistency_proof", "credit_receipt", b"credit_receipt", "heartbeat", b"heartbeat", "job", b"job", "refusal", b"refusal", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["challenge", "welcome", "refusal", "job", "cancel", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["challenge", "welcome", "refusal", "job", "cancel", "heartbeat", "credit_receipt", "consistency_proof"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -324,19 +346,27 @@ class Welcome(_message.Message):
 
     MINER_ID_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    LEDGER_ORIGIN_FIELD_NUMBER: _builtins.int
+    LEDGER_VERIFIER_KEY_FIELD_NUMBER: _builtins.int
     miner_id: _builtins.str
     """The coordinator's name for this miner (hex of the public key)."""
     heartbeat_interval_ms: _builtins.int
     """The miner sends a heartbeat at least this often; silence for 3 intervals evicts it."""
+    ledger_origin: _builtins.str
+    """The ledger's log name, the first line of its checkpoints; "" when it sends no receipts."""
+    ledger_verifier_key: _builtins.str
+    """C2SP verifier key of the checkpoint signer: "<name>+<key id hex>+<base64(0x01 || key)>"."""
     def __init__(
         self,
         *,
         miner_id: _builtins.str = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        ledger_origin: _builtins.str = ...,
+        ledger_verifier_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "miner_id", b"miner_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "ledger_origin", b"ledger_origin", "ledger_verifier_key", b"ledger_verifier_key", "miner_id", b"miner_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -634,3 +664,137 @@ class Drain(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Drain: _TypeAlias = Drain  # noqa: Y015
+
+@_typing.final
+class CreditReceipt(_message.Message):
+    """Proof that a job's credit is in the ledger, sent once a signed checkpoint covers its entry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    INCLUSION_PROOF_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job whose settlement credited this miner."""
+    entry: _builtins.bytes
+    """The settle entry's canonical bytes (ledger/entry.py): exactly the Merkle leaf."""
+    index: _builtins.int
+    """The entry's index in the log (its seq)."""
+    tree_size: _builtins.int
+    """The size of the tree the proof and the checkpoint are for."""
+    checkpoint: _builtins.bytes
+    """The C2SP signed note of the checkpoint of tree_size."""
+    @_builtins.property
+    def inclusion_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """RFC 9162 inclusion proof of the entry in that tree, from the leaf upward."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        entry: _builtins.bytes = ...,
+        index: _builtins.int = ...,
+        tree_size: _builtins.int = ...,
+        inclusion_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        checkpoint: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "entry", b"entry", "inclusion_proof", b"inclusion_proof", "index", b"index", "job_id", b"job_id", "tree_size", b"tree_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreditReceipt: _TypeAlias = CreditReceipt  # noqa: Y015
+
+@_typing.final
+class ConsistencyRequest(_message.Message):
+    """The miner asks that the tree of old_size be proven a prefix of the tree of new_size."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_SIZE_FIELD_NUMBER: _builtins.int
+    NEW_SIZE_FIELD_NUMBER: _builtins.int
+    old_size: _builtins.int
+    new_size: _builtins.int
+    def __init__(
+        self,
+        *,
+        old_size: _builtins.int = ...,
+        new_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_size", b"new_size", "old_size", b"old_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsistencyRequest: _TypeAlias = ConsistencyRequest  # noqa: Y015
+
+@_typing.final
+class ConsistencyProof(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_SIZE_FIELD_NUMBER: _builtins.int
+    NEW_SIZE_FIELD_NUMBER: _builtins.int
+    HASHES_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    old_size: _builtins.int
+    new_size: _builtins.int
+    checkpoint: _builtins.bytes
+    """The signed checkpoint of new_size when the coordinator has one, else empty."""
+    error: _builtins.str
+    """Set when no proof can exist (a size beyond the log): the miner treats it as a failed proof."""
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """RFC 9162 consistency proof; empty when the sizes are equal or old_size is 0."""
+
+    def __init__(
+        self,
+        *,
+        old_size: _builtins.int = ...,
+        new_size: _builtins.int = ...,
+        hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        checkpoint: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "error", b"error", "hashes", b"hashes", "new_size", b"new_size", "old_size", b"old_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsistencyProof: _TypeAlias = ConsistencyProof  # noqa: Y015
+
+@_typing.final
+class WitnessAlarm(_message.Message):
+    """A proof from the coordinator failed: the ledger forked or was tampered with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    OLD_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    NEW_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """What failed, for the operator's log."""
+    old_checkpoint: _builtins.bytes
+    """The checkpoint the miner held (signed note), if any."""
+    new_checkpoint: _builtins.bytes
+    """The checkpoint that contradicts it or failed to verify (signed note), if any."""
+    def __init__(
+        self,
+        *,
+        message: _builtins.str = ...,
+        old_checkpoint: _builtins.bytes = ...,
+        new_checkpoint: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "new_checkpoint", b"new_checkpoint", "old_checkpoint", b"old_checkpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WitnessAlarm: _TypeAlias = WitnessAlarm  # noqa: Y015

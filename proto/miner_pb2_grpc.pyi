@@ -14,6 +14,12 @@ A miner sits behind a home router, so it opens ONE outbound bidirectional stream
                    <------------ Job, CancelJob, Heartbeat ...
   TokenChunk, JobResult, JobFailure, Heartbeat, Drain ------------>
 
+Every miner is also a witness of the ledger (a Merkle log with signed checkpoints):
+                   <------------ CreditReceipt (entry, inclusion proof, checkpoint)
+  ConsistencyRequest ---------->
+                   <------------ ConsistencyProof
+  WitnessAlarm     ------------>  (a proof failed: fork or tampering)
+
 Message-size limits are explicit (proto/limits.py) and enforced on both ends.
 Python code generated from this file is committed: regenerate with `make proto`.
 """

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -21,6 +22,9 @@ from coordinator.gateway.handshake import check_hello, refusal, signature_is_val
 from coordinator.gateway.session import MinerSession
 from coordinator.registry import MinerRegistry
 from proto import miner_pb2, miner_pb2_grpc
+
+if TYPE_CHECKING:
+    from coordinator.receipts import LedgerReceipts
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +54,15 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
         catalog: Catalog,
         registry: MinerRegistry,
         on_welcome: Callable[[MinerSession], Awaitable[None]] | None = None,
+        receipts: LedgerReceipts | None = None,
     ) -> None:
+        """``receipts`` makes miners witnesses of the ledger: Welcome names the log and its key,
+        and their consistency requests and alarms go there."""
         self._config = config
         self._catalog = catalog
         self._registry = registry
         self._on_welcome = on_welcome
+        self._receipts = receipts
 
     async def Connect(
         self,
@@ -91,6 +99,7 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
                 model.name: self._catalog.get(model.name).tokenizer.vocab_size
                 for model in hello.models
             },
+            on_witness_message=self._receipts.handle if self._receipts is not None else None,
         )
         if self._on_welcome is not None:
             await self._on_welcome(session)
@@ -104,9 +113,11 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
             hello.hardware.device_name or hello.hardware.accelerator,
         )
         interval_ms = int(self._config.heartbeat_interval_s * 1000)
-        yield miner_pb2.CoordinatorMessage(
-            welcome=miner_pb2.Welcome(miner_id=session.miner_id, heartbeat_interval_ms=interval_ms)
-        )
+        welcome = miner_pb2.Welcome(miner_id=session.miner_id, heartbeat_interval_ms=interval_ms)
+        if self._receipts is not None:
+            welcome.ledger_origin = self._receipts.origin
+            welcome.ledger_verifier_key = self._receipts.verifier_key
+        yield miner_pb2.CoordinatorMessage(welcome=welcome)
         reader = asyncio.create_task(self._read(incoming, session))
         keeper = asyncio.create_task(self._keep_alive(session))
         try:

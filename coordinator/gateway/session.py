@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from proto import miner_pb2
@@ -19,6 +19,7 @@ from proto.limits import MAX_TOKENS_PER_CHUNK
 logger = logging.getLogger(__name__)
 
 _MAX_ABANDONED = 1024
+_WITNESS_KINDS = frozenset({"consistency_request", "witness_alarm"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ class MinerSession:
         *,
         miner_id: str,
         vocab_sizes: Mapping[str, int],
+        on_witness_message: Callable[[MinerSession, miner_pb2.MinerMessage], None] | None = None,
     ) -> None:
+        """``on_witness_message`` takes the miner's ledger messages (consistency requests,
+        alarms); without it they are protocol violations."""
         self.miner_id = miner_id
         self.hello = hello
         self.models = frozenset(model.name for model in hello.models)
@@ -82,6 +86,7 @@ class MinerSession:
         self.draining = False
         self.closed_reason: str | None = None
         self._vocab_sizes = dict(vocab_sizes)
+        self._on_witness_message = on_witness_message
         self._jobs: dict[str, JobChannel] = {}
         # Jobs given up on before their first token (e.g. the miner was too slow): whatever the
         # miner still sends for them is dropped, not treated as a protocol violation.
@@ -137,6 +142,9 @@ class MinerSession:
             return None
         if kind == "chunk":
             return self._deliver_chunk(message.chunk)
+        if kind in _WITNESS_KINDS and self._on_witness_message is not None:
+            self._on_witness_message(self, message)
+            return None
         if kind in ("result", "failure"):
             event = message.result if kind == "result" else message.failure
             if event.job_id in self._abandoned:

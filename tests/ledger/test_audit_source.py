@@ -126,7 +126,10 @@ def test_cli_trusted_checkpoint_catches_re_signed_history(
 
     assert cli(capsys, "--dump", path)[0] == 0
     status, out, _ = cli(capsys, "--dump", path, "--trusted-checkpoint", str(trusted), "--json")
-    assert status == 1 and set(json.loads(out)["finding_counts"]) == {"trusted.inconsistent"}
+    assert status == 1 and set(json.loads(out)["finding_counts"]) == {
+        "trusted.inconsistent",
+        "trusted.withdrawn",
+    }
 
 
 def test_cli_pinned_key_that_the_operator_does_not_use(

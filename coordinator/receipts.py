@@ -1,0 +1,230 @@
+"""Credit receipts for miners, and the proofs that make every miner a witness of the ledger.
+
+After a settlement credits a miner, the miner is sent a ``CreditReceipt``: its settle entry's
+exact bytes, the entry's index, an inclusion proof and the signed checkpoint the proof is for.
+The checkpointer signs at most every ``checkpoint_interval_s``, so receipts wait (in memory,
+never blocking the buyer's response) until a checkpoint covers their entry; then all the
+receipts a checkpoint covers are sent in one round. A receipt goes once, to the miner's
+session of that moment: a miner that is offline then gets none (its credit is still in the
+public ledger, where ``/v1/ledger`` serves the same proofs).
+
+The miner keeps the newest checkpoint it has verified and asks for a ``ConsistencyProof`` to
+each newer one; a ``WitnessAlarm`` from a miner means one of those proofs failed, which is
+logged at CRITICAL: the ledger forked, or someone rewrote it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from coordinator.gateway.session import MinerSession
+from coordinator.registry import MinerRegistry
+from ledger.log_reader import LogRangeError, LogReader, StoredCheckpoint
+from proto import miner_pb2
+
+logger = logging.getLogger(__name__)
+
+# What an alarm may put in one log line; the message is the miner's text, not to be trusted.
+_MAX_ALARM_LOG_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class CreditedJob:
+    """A settlement that credited a miner: the service hands these over as they commit."""
+
+    job_id: str  # the job the miner ran
+    miner_id: str  # hex public key, the owner of the credited miner account
+    hold_id: int  # the hold the settlement closed; its one 'settle' entry is the credit
+
+
+@dataclass(frozen=True)
+class ReceiptConfig:
+    poll_interval_s: float = 0.1  # how often waiting receipts look for a covering checkpoint
+    max_wait_s: float = 60.0  # a receipt with no covering checkpoint by then is dropped
+    max_pending: int = 100_000  # receipts waiting at once; beyond this new ones are dropped
+
+
+@dataclass(eq=False)  # compared by identity: each is one waiting receipt
+class _Pending:
+    job: CreditedJob
+    since: float  # time.monotonic() when the settlement was handed over
+    seq: int | None = None  # the settle entry's index, once looked up
+    leaf: bytes = b""  # the settle entry's canonical bytes
+
+
+class LedgerReceipts:
+    """Sends credit receipts and answers miners' consistency requests and alarms."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[asyncpg.Record],
+        *,
+        registry: MinerRegistry,
+        origin: str,
+        verifier_key: str,
+        config: ReceiptConfig | None = None,
+    ) -> None:
+        self.origin = origin  # announced in Welcome
+        self.verifier_key = verifier_key  # announced in Welcome
+        self._pool = pool
+        self._reader = LogReader(pool)
+        self._registry = registry
+        self._config = config or ReceiptConfig()
+        self._pending: list[_Pending] = []
+        self._answering: dict[str, asyncio.Task[None]] = {}  # miner id -> consistency answer
+        self._wake = asyncio.Event()
+
+    def credited(self, job: CreditedJob) -> None:
+        """Queues a receipt for ``job``; returns at once (called from the settlement path)."""
+        if len(self._pending) >= self._config.max_pending:
+            logger.warning("too many receipts waiting; none for job %s", job.job_id)
+            return
+        self._pending.append(_Pending(job, time.monotonic()))
+        self._wake.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[LedgerReceipts]:
+        """Sends receipts while the block runs; those still waiting at its end are dropped."""
+        task = asyncio.create_task(self._loop(), name="credit-receipts")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            answering = list(self._answering.values())
+            for answer in answering:
+                answer.cancel()
+            await asyncio.gather(task, *answering, return_exceptions=True)
+            if self._pending:
+                logger.info("%d credit receipts not sent: shutting down", len(self._pending))
+
+    def handle(self, session: MinerSession, message: miner_pb2.MinerMessage) -> None:
+        """Takes a miner's ConsistencyRequest or WitnessAlarm (the session routes them here)."""
+        kind = message.WhichOneof("body")
+        if kind == "witness_alarm":
+            alarm = message.witness_alarm
+            logger.critical(
+                "miner %s reports a ledger fork or tampering: %s; its checkpoint %r, the "
+                "contradicting one %r",
+                session.miner_id,
+                alarm.message[:_MAX_ALARM_LOG_CHARS],
+                alarm.old_checkpoint[:_MAX_ALARM_LOG_CHARS],
+                alarm.new_checkpoint[:_MAX_ALARM_LOG_CHARS],
+            )
+        elif kind == "consistency_request":
+            busy = self._answering.get(session.miner_id)
+            if busy is not None and not busy.done():
+                # A witness asks one at a time; more is load nobody needs. It will ask again.
+                logger.warning(
+                    "miner %s sent a consistency request before the last was answered; ignored",
+                    session.miner_id[:12],
+                )
+                return
+            self._answering[session.miner_id] = asyncio.create_task(
+                self._answer(session, message.consistency_request)
+            )
+
+    async def _answer(self, session: MinerSession, request: miner_pb2.ConsistencyRequest) -> None:
+        old, new = request.old_size, request.new_size
+        try:
+            hashes = await self._reader.consistency_proof(old, new)
+            signed = await self._reader.checkpoints(new, 1)
+            note = signed[0].note if signed and signed[0].size == new else b""
+            proof = miner_pb2.ConsistencyProof(
+                old_size=old, new_size=new, hashes=hashes, checkpoint=note
+            )
+        except LogRangeError as error:
+            proof = miner_pb2.ConsistencyProof(old_size=old, new_size=new, error=str(error))
+        except (OSError, asyncpg.PostgresError):
+            # Transient: no answer at all, so the miner retries instead of raising an alarm.
+            logger.warning("cannot prove consistency %d -> %d now", old, new, exc_info=True)
+            return
+        finally:
+            self._answering.pop(session.miner_id, None)
+        if session.closed_reason is None:
+            session.outbox.put_nowait(miner_pb2.CoordinatorMessage(consistency_proof=proof))
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self._config.poll_interval_s)
+            try:
+                await self._send_ready()
+            except (OSError, asyncpg.PostgresError):
+                logger.warning("could not send credit receipts; retrying", exc_info=True)
+            except Exception:
+                # Receipts are a courtesy to miners: a bug here must not stop the next ones.
+                logger.exception("sending credit receipts failed; retrying")
+            if not self._pending:
+                self._wake.clear()
+
+    async def _send_ready(self) -> None:
+        now = time.monotonic()
+        expired = [p for p in self._pending if now - p.since > self._config.max_wait_s]
+        for pending in expired:
+            logger.warning(
+                "no checkpoint covered the credit of job %s in %.0f s; receipt dropped",
+                pending.job.job_id,
+                self._config.max_wait_s,
+            )
+        self._pending = [p for p in self._pending if p not in expired]
+        await self._find_entries([p for p in self._pending if p.seq is None])
+        checkpoint = await self._reader.latest_checkpoint()
+        if checkpoint is None:
+            return
+        covered = [p for p in self._pending if p.seq is not None and p.seq < checkpoint.size]
+        if not covered:
+            return
+        sessions = {session.miner_id: session for session in self._registry.sessions()}
+        for pending in covered:
+            session = sessions.get(pending.job.miner_id)
+            if session is not None and session.closed_reason is None:
+                await self._send(session, pending, checkpoint)
+            else:
+                logger.info(
+                    "miner %s is offline: no receipt for job %s",
+                    pending.job.miner_id[:12],
+                    pending.job.job_id,
+                )
+            self._pending.remove(pending)
+
+    async def _find_entries(self, unresolved: list[_Pending]) -> None:
+        if not unresolved:
+            return
+        rows = await self._pool.fetch(
+            "SELECT hold_id, seq, leaf FROM ledger_entries"
+            " WHERE kind = 'settle' AND hold_id = ANY($1::bigint[])",
+            [p.job.hold_id for p in unresolved],
+        )
+        found = {row["hold_id"]: row for row in rows}
+        for pending in unresolved:
+            row = found.get(pending.job.hold_id)
+            if row is not None:
+                pending.seq, pending.leaf = row["seq"], row["leaf"]
+
+    async def _send(
+        self, session: MinerSession, pending: _Pending, checkpoint: StoredCheckpoint
+    ) -> None:
+        assert pending.seq is not None
+        proof = await self._reader.inclusion_proof(pending.seq, checkpoint.size)
+        receipt = miner_pb2.CreditReceipt(
+            job_id=pending.job.job_id,
+            entry=pending.leaf,
+            index=pending.seq,
+            tree_size=checkpoint.size,
+            inclusion_proof=proof,
+            checkpoint=checkpoint.note,
+        )
+        session.outbox.put_nowait(miner_pb2.CoordinatorMessage(credit_receipt=receipt))
+        logger.debug(
+            "receipt for job %s: entry %d in checkpoint %d",
+            pending.job.job_id,
+            pending.seq,
+            checkpoint.size,
+        )
