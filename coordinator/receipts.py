@@ -6,7 +6,7 @@ The checkpointer signs at most every ``checkpoint_interval_s``, so receipts wait
 never blocking the buyer's response) until a checkpoint covers their entry; then all the
 receipts a checkpoint covers are sent in one round. A receipt goes once, to the miner's
 session of that moment: a miner that is offline then gets none (its credit is still in the
-public ledger, where ``/v1/ledger`` serves the same proofs).
+public ledger, where ``/ledger/proof/inclusion`` serves the same proofs).
 
 The miner keeps the newest checkpoint it has verified and asks for a ``ConsistencyProof`` to
 each newer one; a ``WitnessAlarm`` from a miner means one of those proofs failed, which is

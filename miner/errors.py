@@ -3,7 +3,8 @@
 MinerError
 ├── IdentityError        the key file is unreadable, malformed or open to other users
 ├── MinerRefusedError    the coordinator refused this miner for a reason retrying cannot fix
-└── ConnectionLostError  one connection ended (never escapes ``MinerDaemon.run``: it reconnects)
+├── ConnectionLostError  one connection ended (never escapes ``MinerDaemon.run``: it reconnects)
+└── WitnessError         the ledger witness's files are unusable (miner/witness_store.py)
 """
 
 from __future__ import annotations
