@@ -85,6 +85,12 @@ class Checkpointer:
             try:
                 checkpointer.latest = await checkpointer._reader.latest_checkpoint()
                 checkpointer._check_signer()
+                await fence.execute(
+                    "INSERT INTO ledger_signers (verifier_key, origin) VALUES ($1, $2)"
+                    " ON CONFLICT (verifier_key) DO NOTHING",
+                    signer.verifier_key,
+                    config.origin,
+                )
                 await checkpointer.checkpoint()
                 task = asyncio.create_task(checkpointer._loop())
                 try:

@@ -1,6 +1,7 @@
 """``meshmint-ledger``: inspect the ledger from a shell.
 
     meshmint-ledger balance [--json] [--database-url URL] [--data-dir DIR]
+    meshmint-ledger dump --out FILE [--database-url URL] [--data-dir DIR]
     meshmint-ledger audit (--coordinator URL | --dump FILE) [--trusted-checkpoint FILE]
                           [--verifier-key VKEY] [--json]
 
@@ -17,8 +18,9 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -34,11 +36,14 @@ from ledger.checkpoint import (
     parse_verifier_key,
 )
 from ledger.database import EMBEDDED_SUBDIR, connect
+from ledger.dump import DumpError, dump_ledger
 from ledger.interface import AccountBalance
 from ledger.money import format_credits
 from ledger.postgres import PostgresLedger
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 PROG = "meshmint-ledger"
 DEFAULT_DATA_DIR = Path("~/.meshmint/coordinator")
@@ -62,14 +67,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "audit":
             return _audit(args)
-        if args.command == "balance":
-            data_dir = args.data_dir.expanduser()
-            if not args.database_url:
-                _check_data_dir(data_dir)
-            balances = asyncio.run(
-                _read_balances(database_url=args.database_url or None, data_dir=data_dir)
+        data_dir = args.data_dir.expanduser()
+        if not args.database_url:
+            _check_data_dir(data_dir)
+        if args.command == "dump":
+            count = asyncio.run(
+                _dump(database_url=args.database_url or None, data_dir=data_dir, out=args.out)
             )
-            _print_balances(balances, as_json=args.json, out=sys.stdout)
+            sys.stdout.write(f"wrote {count} entries to {args.out}\n")
+            return 0
+        balances = asyncio.run(
+            _read_balances(database_url=args.database_url or None, data_dir=data_dir)
+        )
+        _print_balances(balances, as_json=args.json, out=sys.stdout)
         return 0
     except CliError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
@@ -86,20 +96,23 @@ def _parser(*, default_url: str | None, default_data_dir: Path) -> argparse.Argu
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     balance = commands.add_parser("balance", help="list every account's balance")
     balance.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    balance.add_argument(
-        "--database-url",
-        default=default_url,
-        metavar="URL",
-        help="PostgreSQL URL (default: $MESHMINT_DATABASE_URL, else the embedded server)",
-    )
-    balance.add_argument(
-        "--data-dir",
-        type=Path,
-        default=default_data_dir,
-        metavar="DIR",
-        help="the coordinator's data dir, for its embedded server"
-        " (default: $MESHMINT_DATA_DIR, else ~/.meshmint/coordinator)",
-    )
+    dump = commands.add_parser("dump", help="write the whole ledger to a file for offline audit")
+    dump.add_argument("--out", type=Path, required=True, metavar="FILE", help="the dump file")
+    for sub in (balance, dump):
+        sub.add_argument(
+            "--database-url",
+            default=default_url,
+            metavar="URL",
+            help="PostgreSQL URL (default: $MESHMINT_DATABASE_URL, else the embedded server)",
+        )
+        sub.add_argument(
+            "--data-dir",
+            type=Path,
+            default=default_data_dir,
+            metavar="DIR",
+            help="the coordinator's data dir, for its embedded server"
+            " (default: $MESHMINT_DATA_DIR, else ~/.meshmint/coordinator)",
+        )
     audit = commands.add_parser(
         "audit", help="check the whole ledger from outside: signatures, roots, balances, holds"
     )
@@ -185,11 +198,31 @@ def _check_data_dir(data_dir: Path) -> None:
 
 
 async def _read_balances(*, database_url: str | None, data_dir: Path) -> list[AccountBalance]:
+    async def read(pool: asyncpg.Pool[asyncpg.Record]) -> list[AccountBalance]:
+        # No create(): a read-only command must not add tables to a database that has none.
+        return await PostgresLedger(pool).balances()
+
+    return await _read(read, database_url=database_url, data_dir=data_dir)
+
+
+async def _dump(*, database_url: str | None, data_dir: Path, out: Path) -> int:
+    async def write(pool: asyncpg.Pool[asyncpg.Record]) -> int:
+        with out.open("wb") as handle:
+            return await dump_ledger(pool, handle)
+
+    return await _read(write, database_url=database_url, data_dir=data_dir)
+
+
+async def _read(
+    action: Callable[[asyncpg.Pool[asyncpg.Record]], Awaitable[_T]],
+    *,
+    database_url: str | None,
+    data_dir: Path,
+) -> _T:
     where = _redact(database_url) if database_url else f"the embedded server in {data_dir}"
     try:
         async with connect(database_url=database_url, data_dir=data_dir, max_size=1) as pool:
-            # No create(): a read-only command must not add tables to a database that has none.
-            return await PostgresLedger(pool).balances()
+            return await action(pool)
     except asyncpg.UndefinedTableError as exc:
         raise CliError(f"no ledger in {where}: {exc}") from exc
     except (
@@ -200,6 +233,7 @@ async def _read_balances(*, database_url: str | None, data_dir: Path) -> list[Ac
         asyncpg.InterfaceError,
         subprocess.SubprocessError,
         RuntimeError,
+        DumpError,
     ) as exc:
         raise CliError(f"cannot read the ledger from {where}: {exc or type(exc).__name__}") from exc
 

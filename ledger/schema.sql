@@ -84,6 +84,13 @@ INSERT INTO ledger_head (size, frontier, last_leaf_hash)
 VALUES (0, decode('010000000000000000', 'hex'), decode(repeat('00', 32), 'hex'))
 ON CONFLICT (singleton) DO NOTHING;
 
+-- The keys that have signed this log's checkpoints, newest last (for dumps and key rotation).
+CREATE TABLE IF NOT EXISTS ledger_signers (
+    verifier_key text PRIMARY KEY,
+    origin text NOT NULL,
+    first_used timestamptz NOT NULL DEFAULT now()
+);
+
 -- Signed checkpoints (C2SP signed notes), one per tree size at most.
 CREATE TABLE IF NOT EXISTS ledger_checkpoints (
     size bigint PRIMARY KEY CHECK (size >= 0),

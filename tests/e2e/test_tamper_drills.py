@@ -190,3 +190,34 @@ async def test_two_checkpoints_of_one_size_are_equivocation(drill: Drill, tmp_pa
     other.write_bytes(forged)
     status, codes = await audit(drill, "--trusted-checkpoint", str(other))
     assert status == 1 and codes & {"trusted.inconsistent", "checkpoint.equivocation"}
+
+
+async def run_cli(*args: str) -> tuple[int, str]:
+    cli = Path(sys.executable).parent / "meshmint-ledger"
+    process = await asyncio.create_subprocess_exec(
+        str(cli), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, (out + err).decode()
+
+
+async def test_an_offline_dump_audits_like_the_live_ledger(
+    drill: Drill, database_url: str, tmp_path: Path
+) -> None:
+    dump = tmp_path / "ledger.dump"
+    status, output = await run_cli("dump", "--database-url", database_url, "--out", str(dump))
+    assert status == 0, output
+    assert "wrote" in output
+    audit_dump = ("audit", "--dump", str(dump), "--verifier-key", SIGNER.verifier_key, "--json")
+    status, output = await run_cli(*audit_dump)
+    assert status == 0, output
+    assert json.loads(output)["findings"] == []
+
+    await drill.pool.execute(
+        "UPDATE ledger_entries SET leaf = overlay(leaf placing '\\xff'::bytea from 40 for 1)"
+        " WHERE seq = 3"
+    )
+    assert (await run_cli("dump", "--database-url", database_url, "--out", str(dump)))[0] == 0
+    status, output = await run_cli(*audit_dump)
+    assert status == 1 and json.loads(output)["findings"]
