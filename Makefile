@@ -43,7 +43,7 @@ proto: $(STAMP)
 	$(PY) -m proto.generate
 
 bench: $(STAMP)
-	$(PY) bench/overhead.py
+	$(PY) -m bench.overhead
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -26,36 +26,30 @@ a failed check or a non-durable server makes the exit status 1.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import signal
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-# `python bench/ledger.py` puts bench/ first on sys.path, where this file would shadow the
-# `ledger` package it measures.
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _BENCH_DIR]
+import asyncpg
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import signal  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import AsyncIterator, Sequence  # noqa: E402
-from contextlib import asynccontextmanager  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit  # noqa: E402
-
-import asyncpg  # noqa: E402
-
-from ledger.embedded import EmbeddedPostgres  # noqa: E402
-from ledger.interface import AccountKind, AccountRef  # noqa: E402
-from ledger.merkle import CompactRange, leaf_hash, root  # noqa: E402
-from ledger.postgres import PostgresLedger  # noqa: E402
+from ledger.embedded import EmbeddedPostgres
+from ledger.interface import AccountKind, AccountRef
+from ledger.merkle import CompactRange, leaf_hash, root
+from ledger.postgres import PostgresLedger
 
 MIXES = ("mint", "hold+settle")
 MINERS = 8  # miner accounts the settlements spread over
