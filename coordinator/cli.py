@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # pgserver narrates every start-up step at INFO; its warnings and errors still show.
+    logging.getLogger("pgserver").setLevel(max(logging.WARNING, logging.root.level))
     try:
         if args.command == "serve":
             asyncio.run(_serve(_config(args)))

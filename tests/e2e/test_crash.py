@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -113,6 +115,22 @@ def test_kill_9_under_load_loses_no_acknowledged_entry(
             reference = hashlib.sha256(job_id.encode()).digest()
             assert reference in holds, f"acknowledged {completion_id} has no hold in the log"
             assert holds[reference] in closing, f"acknowledged {completion_id} was never settled"
+        audited = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "meshmint-ledger"),
+                "audit",
+                "--coordinator",
+                ledger_url(second, ""),
+                "--verifier-key",
+                key_info["verifier_key"],
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert audited.returncode == 0, audited.stdout + audited.stderr
         open_holds = fetch(
             database_url, "SELECT count(*) AS n FROM ledger_holds WHERE status = 'open'"
         )
