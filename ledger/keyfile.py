@@ -38,7 +38,7 @@ def load_or_create_key(path: Path, *, what: str = "key") -> tuple[Ed25519Private
     if path.exists():
         return _load(path, what), False
     key = Ed25519PrivateKey.generate()
-    _write_atomically(path, _pem(key))
+    write_atomically(path, _pem(key))
     return key, True
 
 
@@ -78,7 +78,7 @@ def _load(path: Path, what: str) -> Ed25519PrivateKey:
     return key
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` so that no reader ever sees a partial or over-open file."""
     parent = path.parent
     if not parent.exists():

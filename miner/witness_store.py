@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from ledger.checkpoint import (
     parse_signed_checkpoint,
     parse_verifier_key,
 )
+from ledger.keyfile import write_atomically
 from miner.errors import MinerError
 
 logger = logging.getLogger(__name__)
@@ -181,9 +181,11 @@ class WitnessStore:
         self._ensure_directory()
         if not self.trusted_keys:
             # Key first: a crash before the note leaves no checkpoint, which reads as unpinned.
-            _replace(self.directory / VERIFIER_KEY_FILE, verifier_key.encode("utf-8") + b"\n")
+            write_atomically(
+                self.directory / VERIFIER_KEY_FILE, verifier_key.encode("utf-8") + b"\n"
+            )
             self.trusted_keys = (verifier_key,)
-        _replace(self.directory / CHECKPOINT_FILE, note)
+        write_atomically(self.directory / CHECKPOINT_FILE, note)
         self.pinned = PinnedCheckpoint(checkpoint, note)
 
     def records(self) -> Iterator[ReceiptRecord | str]:
@@ -245,18 +247,3 @@ class WitnessStore:
             handle.write(line + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a crash leaves the old file or the new, never half."""
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp_name)
-        raise

@@ -68,6 +68,22 @@ def price_args() -> list[str]:
     ]
 
 
+@pytest.fixture
+def coordinator(
+    database_url: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> Iterator[Coordinator]:
+    """A coordinator of its own for one test, selling 'tiny'; the test starts the miners."""
+    running = start_coordinator(
+        tmp_path, database_url=database_url, models={"tiny": model_dirs["tiny"]}, extra=price_args()
+    )
+    try:
+        yield running
+    finally:
+        for miner in running.miners:
+            miner.stop()
+        running.process.stop()
+
+
 @pytest.fixture(scope="module")
 def marketplace(
     module_database_url: str, model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory

@@ -18,33 +18,17 @@ from proto import miner_pb2, miner_pb2_grpc
 from proto.limits import PROTOCOL_VERSION
 from proto.signing import challenge_message
 from proto.weights_digest import weights_sha256
-from tests.e2e.conftest import FEE_BPS, INPUT_PRICE, OUTPUT_PRICE, price_args
+from tests.e2e.conftest import FEE_BPS, INPUT_PRICE, OUTPUT_PRICE
 from tests.e2e.harness import (
     Coordinator,
     balances,
     create_key,
     fetch,
-    start_coordinator,
     start_miner,
     wait_for_miners,
 )
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
-
-
-@pytest.fixture
-def coordinator(
-    database_url: str, model_dirs: dict[str, Path], tmp_path: Path
-) -> Iterator[Coordinator]:
-    running = start_coordinator(
-        tmp_path, database_url=database_url, models={"tiny": model_dirs["tiny"]}, extra=price_args()
-    )
-    try:
-        yield running
-    finally:
-        for miner in running.miners:
-            miner.stop()
-        running.process.stop()
 
 
 def sdk(coordinator: Coordinator, key: str) -> OpenAI:

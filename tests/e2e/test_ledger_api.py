@@ -7,7 +7,6 @@ import base64
 import struct
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from openai import OpenAI
 from ledger.checkpoint import Checkpoint, parse_signed_checkpoint, parse_verifier_key
 from ledger.entry import ZERO_HASH, AccountCode, EntryKind, decode_entry
 from ledger.merkle import leaf_hash, root, verify_consistency, verify_inclusion
-from tests.e2e.conftest import price_args
 from tests.e2e.harness import (
     Coordinator,
     create_key,
@@ -25,21 +23,6 @@ from tests.e2e.harness import (
     start_miner,
     wait_for_miners,
 )
-
-
-@pytest.fixture
-def coordinator(
-    database_url: str, model_dirs: dict[str, Path], tmp_path: Path
-) -> Iterator[Coordinator]:
-    running = start_coordinator(
-        tmp_path, database_url=database_url, models={"tiny": model_dirs["tiny"]}, extra=price_args()
-    )
-    try:
-        yield running
-    finally:
-        for miner in running.miners:
-            miner.stop()
-        running.process.stop()
 
 
 def ledger_url(coordinator: Coordinator, path: str) -> str:
