@@ -42,14 +42,25 @@ class CompletionRequest:
     temperature: float  # 0 is greedy
     top_p: float  # in (0, 1]
     seed: int | None  # None: the coordinator picks one
+    stop: tuple[str, ...] = ()  # output ends just before the first of these strings (at most 4)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One completion token as the miner reported it."""
+
+    token_id: int  # id in the model's vocabulary
+    text: str  # the token decoded on its own (U+FFFD where it holds part of a character)
+    logprob: float  # the miner's claim: natural log, fp32 logits, temperature 1
 
 
 @dataclass(frozen=True)
 class TextDelta:
     """New output: text decoded so far minus text already sent, and the tokens behind it."""
 
-    text: str  # may be "" while a multi-byte character is incomplete
+    text: str  # may be "" while a multi-byte character is incomplete or a stop string may start
     token_count: int  # tokens this delta accounts for
+    tokens: tuple[TokenLogprob, ...] = ()  # those tokens with their logprobs, in order
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,14 @@ class ModelCard:
     output_price_per_mtok: int  # micro-units per million completion tokens
     miners: int  # miners connected and serving it now
     created: int  # unix time the catalog entry was loaded
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether the coordinator can serve a completion now (``GET /health/ready``)."""
+
+    ready: bool  # at least one miner is connected and serving a catalog model
+    miners: int  # miners connected and serving a catalog model
 
 
 class Completion(Protocol):
@@ -106,6 +125,10 @@ class InferenceService(Protocol):
 
     async def models(self) -> list[ModelCard]:
         """The catalog, with live miner counts."""
+        ...
+
+    async def readiness(self) -> Readiness:
+        """Live miner count; never raises and does no I/O, so health checks stay cheap."""
         ...
 
     def complete(

@@ -4,29 +4,42 @@ The coordinator counts tokens itself and checks what the miner claims: token ids
 vocabulary and within max_tokens (the session checks those on arrival), a finish reason that
 matches the tokens, and a signed receipt that matches the job. A delta counts as delivered only
 when the consumer comes back for the next one, so a buyer who leaves early pays for what it took.
+
+Stop sequences are the coordinator's own business: when the decoded text completes a stop
+string, the output is cut just before it, the miner is told to stop, and the buyer pays for the
+tokens up to and including the one that completed the stop string (tokens the miner generated
+after it are neither delivered nor paid). The miner then answers CANCELLED with a receipt for
+everything it streamed, which is checked like any other; when that answer does not come within
+``STOP_RESULT_WAIT_S``, the job settles like a broken stream (delivered tokens, no receipt), still
+with finish reason "stop".
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from coordinator.api import FinishReason, TextDelta, Usage
+from coordinator.api import FinishReason, TextDelta, TokenLogprob, Usage
 from coordinator.catalog import CatalogEntry, request_cost
 from coordinator.detokenizer import IncrementalDetokenizer
 from coordinator.dispatch import MinerRun
 from coordinator.errors import UpstreamError
+from coordinator.stop import StopMatcher
 from proto import miner_pb2
 from proto.signing import output_digest, receipt_message, request_digest
 
 logger = logging.getLogger(__name__)
 
 _FINISH = miner_pb2.FinishReason
+
+STOP_RESULT_WAIT_S = 5.0
+"""How long a completion cut at a stop string waits for the miner's CANCELLED result."""
 
 
 @dataclass(frozen=True)
@@ -54,16 +67,21 @@ class RunningCompletion:
         entry: CatalogEntry,
         prompt_tokens: int,
         run: MinerRun,
+        stop: tuple[str, ...] = (),
     ) -> None:
+        """``stop``: strings that end the output just before the first of them."""
         self.id = completion_id
         self.model = entry.name
         self.created = created
         self.prompt_tokens = prompt_tokens
         self.run = run
         self.delivered_ids: list[int] = []
+        self.received_ids: list[int] = []  # every token the miner streamed, delivered or not
+        self.stopped = False  # a stop string ended the output
         self.verified: VerifiedResult | None = None
         self.misbehaved = False
         self._entry = entry
+        self._stop = stop
         self._stream: AsyncGenerator[TextDelta, None] | None = None
 
     def __aiter__(self) -> AsyncIterator[TextDelta]:
@@ -73,6 +91,8 @@ class RunningCompletion:
 
     @property
     def finish_reason(self) -> FinishReason | None:
+        if self.stopped:
+            return "stop"
         return self.verified.finish_reason if self.verified else None
 
     @property
@@ -102,25 +122,84 @@ class RunningCompletion:
 
     async def _deltas(self) -> AsyncGenerator[TextDelta, None]:
         detokenizer = IncrementalDetokenizer(self._entry.tokenizer)
-        async for chunk in self.run.chunks():
-            ids = list(chunk.token_ids)
-            yield TextDelta(text=detokenizer.push(ids), token_count=len(ids))
-            # Resumed: the consumer took the delta, so it was delivered.
-            self.delivered_ids.extend(ids)
-        assert self.run.result is not None
+        matcher = StopMatcher(self._stop)
+        chunks = self.run.chunks()
+        matched = False
         try:
-            self.verified = self._verify(self.run.result)
+            try:
+                async for chunk in chunks:
+                    ids = list(chunk.token_ids)
+                    self.received_ids.extend(ids)
+                    # Token by token, so a stop string is billed up to the token that completed it.
+                    text = ""
+                    for count, token_id in enumerate(ids, 1):
+                        emit, matched = matcher.push(detokenizer.push([token_id]))
+                        text += emit
+                        if matched or count == len(ids):
+                            break
+                    tokens = self._token_logprobs(ids[:count], chunk.logprobs[:count])
+                    yield TextDelta(text=text, token_count=count, tokens=tokens)
+                    # Resumed: the consumer took the delta, so it was delivered.
+                    self.delivered_ids.extend(ids[:count])
+                    if matched:
+                        self.stopped = True
+                        break
+            except UpstreamError:
+                held = matcher.flush()  # billed tokens: let their text out before failing
+                if held:
+                    yield TextDelta(text=held, token_count=0)
+                raise
+            if self.stopped:
+                await self._settle_stop(chunks)
+                return
+        finally:
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()
+        assert self.run.result is not None
+        self._check(self.run.result)
+        emit, matched = matcher.push(detokenizer.flush())
+        self.stopped = matched
+        tail = emit + matcher.flush()
+        if tail:
+            yield TextDelta(text=tail, token_count=0)
+
+    async def _settle_stop(self, chunks: AsyncIterator[miner_pb2.TokenChunk]) -> None:
+        """After a stop string: stops the miner and checks its result if it comes in time."""
+        self.run.cancel()
+        try:
+            async with asyncio.timeout(STOP_RESULT_WAIT_S):
+                async for chunk in chunks:
+                    self.received_ids.extend(chunk.token_ids)
+        except (TimeoutError, UpstreamError) as error:
+            logger.info(
+                "job %s: no result after the stop string (%s); billing delivered tokens",
+                self.run.job.job_id,
+                error or "timed out",
+            )
+            return
+        assert self.run.result is not None
+        self._check(self.run.result)
+
+    def _check(self, result: miner_pb2.JobResult) -> None:
+        try:
+            self.verified = self._verify(result)
         except MinerMisbehaved as error:
             self.misbehaved = True
             self.run.session.close(f"protocol violation: {error}")
             raise
-        tail = detokenizer.flush()
-        if tail:
-            yield TextDelta(text=tail, token_count=0)
+
+    def _token_logprobs(
+        self, ids: Sequence[int], logprobs: Sequence[float]
+    ) -> tuple[TokenLogprob, ...]:
+        decode = self._entry.tokenizer.decode
+        return tuple(
+            TokenLogprob(token_id=token_id, text=decode([token_id]), logprob=logprob)
+            for token_id, logprob in zip(ids, logprobs, strict=True)
+        )
 
     def _verify(self, result: miner_pb2.JobResult) -> VerifiedResult:
         job = self.run.job
-        ids = self.delivered_ids
+        ids = self.received_ids
         stop_ids = set(job.sampling.stop_token_ids)
         if result.finish_reason == _FINISH.FINISH_REASON_STOP and ids and ids[-1] in stop_ids:
             finish: FinishReason = "stop"
@@ -129,11 +208,15 @@ class RunningCompletion:
             or len(ids) + self.prompt_tokens >= self._entry.context_length
         ):
             finish = "length"
+        elif self.stopped and result.finish_reason == _FINISH.FINISH_REASON_CANCELLED:
+            finish = "stop"  # the coordinator cut the output at a stop string and cancelled
         else:
             raise MinerMisbehaved(
                 f"the miner reported finish reason {_FINISH.Name(result.finish_reason)} after "
                 f"{len(ids)} tokens, which does not match the job"
             )
+        if self.stopped:
+            finish = "stop"  # the miner may have finished before the cancel reached it
         receipt = result.receipt
         expected = (
             receipt.job_id == job.job_id

@@ -20,6 +20,7 @@ from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.job_log import JobLog
 from coordinator.keys import KeyStore
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.receipts import LedgerReceipts
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router
@@ -74,6 +75,9 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         keys = await KeyStore.create(pool)
         job_log = await JobLog.create(pool)
         registry = MinerRegistry()
+        metrics = CoordinatorMetrics(
+            miner_counts=lambda: {name: len(registry.serving(name)) for name in catalog.names()}
+        )
         dispatcher = Dispatcher(config.dispatch, registry=registry, router=Router())
         receipts = LedgerReceipts(
             pool, registry=registry, origin=config.ledger_origin, verifier_key=signer.verifier_key
@@ -87,6 +91,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             dispatcher=dispatcher,
             job_log=job_log,
             on_credit=receipts.credited,
+            metrics=metrics,
         )
 
         async def open_miner_account(session: MinerSession) -> None:
@@ -111,7 +116,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         miner_pb2_grpc.add_MinerGatewayServicer_to_server(gateway, grpc_server)
         grpc_port = grpc_server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
         await grpc_server.start()
-        app = create_app(service, max_body_bytes=config.max_body_bytes)
+        app = create_app(service, max_body_bytes=config.max_body_bytes, metrics=metrics)
         published = PublishedLedger(
             pool, origin=config.ledger_origin, verifier_key=signer.verifier_key
         )

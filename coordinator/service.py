@@ -6,6 +6,7 @@ Billing rules (docs/architecture.md, "Billing"):
 - a request holds its maximum cost first (prompt plus max_tokens), so concurrent requests can
   never spend more than the balance;
 - only delivered completion tokens are billed; a request that delivered none costs nothing;
+- a completion cut at a stop string is billed through the token that completed the stop string;
 - the operator's fee is floor(cost x fee_bps / 10000); the miner is credited the rest.
 """
 
@@ -17,11 +18,11 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from coordinator.api import Buyer, CompletionRequest, ModelCard
+from coordinator.api import Buyer, CompletionRequest, ModelCard, Readiness, TextDelta
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import RunningCompletion
 from coordinator.dispatch import Dispatcher
@@ -33,6 +34,7 @@ from coordinator.errors import (
 )
 from coordinator.job_log import JobLog, JobRecord
 from coordinator.keys import KeyStore
+from coordinator.metrics import CoordinatorMetrics, RequestTimer
 from coordinator.receipts import CreditedJob
 from coordinator.registry import MinerRegistry
 from coordinator.tokenization import ChatTemplateError
@@ -67,6 +69,23 @@ def miner_account(miner_id: str) -> AccountRef:
     return AccountRef(AccountKind.MINER, miner_id)
 
 
+class _TimedCompletion(RunningCompletion):
+    """A :class:`RunningCompletion` whose deltas are timed as they are handed to the buyer."""
+
+    timer: RequestTimer  # set by the service right after construction
+    _timed: AsyncGenerator[TextDelta, None] | None = None
+
+    def __aiter__(self) -> AsyncIterator[TextDelta]:
+        if self._timed is None:
+            self._timed = self.timer.timed(super().__aiter__())
+        return self._timed
+
+    async def aclose(self) -> None:
+        if self._timed is not None:
+            await self._timed.aclose()
+        await super().aclose()
+
+
 class MarketplaceService:
     """Implements :class:`coordinator.api.InferenceService`."""
 
@@ -81,8 +100,12 @@ class MarketplaceService:
         dispatcher: Dispatcher,
         job_log: JobLog,
         on_credit: Callable[[CreditedJob], None] | None = None,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
-        """``on_credit`` hears of every settlement that credited a miner, once it committed."""
+        """``on_credit`` hears of every settlement that credited a miner, once it committed.
+
+        ``metrics`` receives latencies and billed tokens; without it they go to a private set.
+        """
         self._billing = billing
         self._catalog = catalog
         self._keys = keys
@@ -91,6 +114,7 @@ class MarketplaceService:
         self._dispatcher = dispatcher
         self._job_log = job_log
         self._on_credit = on_credit
+        self._metrics = metrics if metrics is not None else CoordinatorMetrics()
 
     async def authenticate(self, api_key: str) -> Buyer:
         return await self._keys.authenticate(api_key)
@@ -108,11 +132,20 @@ class MarketplaceService:
             for entry in self._catalog.entries()
         ]
 
+    async def readiness(self) -> Readiness:
+        serving = {
+            session.miner_id
+            for name in self._catalog.names()
+            for session in self._registry.serving(name)
+        }
+        return Readiness(ready=bool(serving), miners=len(serving))
+
     @asynccontextmanager
     async def complete(
         self, buyer: Buyer, request: CompletionRequest
     ) -> AsyncIterator[RunningCompletion]:
         entry = self._catalog.get(request.model)
+        timer = self._metrics.request(entry.name)
         if _prompt_chars(request) > _INLINE_TOKENIZE_CHARS:
             prompt_ids = await asyncio.to_thread(self._tokenize, entry, request)
         else:
@@ -137,16 +170,18 @@ class MarketplaceService:
             ),
         )
         hold = await self._hold(account, max_cost, job)
-        completion: RunningCompletion | None = None
+        completion: _TimedCompletion | None = None
         try:
             run = await self._dispatcher.start(job)
-            completion = RunningCompletion(
+            completion = _TimedCompletion(
                 completion_id=f"cmpl-{job.job_id.removeprefix('job-')}",
                 created=int(time.time()),
                 entry=entry,
                 prompt_tokens=len(prompt_ids),
                 run=run,
+                stop=request.stop,
             )
+            completion.timer = timer
             yield completion
         finally:
             # Shielded: a buyer who disconnects cancels the request, never the settlement.
@@ -214,10 +249,11 @@ class MarketplaceService:
         buyer: Buyer,
         hold: Hold | None,
         entry: CatalogEntry,
-        completion: RunningCompletion | None,
+        completion: _TimedCompletion | None,
     ) -> None:
         if completion is not None:
             await completion.aclose()
+            completion.timer.finished()
         cost = completion.cost() if completion is not None else 0
         try:
             if hold is not None and cost == 0:
@@ -237,6 +273,7 @@ class MarketplaceService:
                     fee=fee,
                     reference=reference,
                 )
+                self._metrics.billed(entry.name, completion.usage)
                 if self._on_credit is not None and settlement.miner_credit > 0:
                     self._on_credit(
                         CreditedJob(completion.run.job.job_id, miner_id, settlement.hold_id)

@@ -1,8 +1,11 @@
 """The buyer-facing HTTP API: OpenAI-compatible routes over an :class:`InferenceService`.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /v1/models/{model}`` and ``GET /health``. Every response, errors and unknown routes
-included, carries an ``x-request-id`` header and, when it fails, an OpenAI-shaped error body.
+``GET /v1/models/{model}``; for operators ``GET /health`` (liveness: always 200, with the
+readiness in the body), ``GET /health/ready`` (200 once a miner serves, else 503),
+``GET /metrics`` (Prometheus) and ``GET /openapi.json``. Every response, errors and unknown
+routes included, carries an ``x-request-id`` header, is counted in ``/metrics`` and, when it
+fails, has an OpenAI-shaped error body.
 
 A stream starts only after the service has accepted the job (entering ``complete`` waits for
 the first token), so every error that happens before output is an ordinary HTTP error; after
@@ -20,7 +23,7 @@ from contextvars import ContextVar
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from coordinator.api import Buyer, CompletionRequest, InferenceService
+from coordinator.api import Buyer, CompletionRequest, InferenceService, Readiness
 from coordinator.errors import (
     AuthenticationError,
     CoordinatorError,
@@ -34,6 +37,7 @@ from coordinator.http.errors import (
     http_error_for_status,
     internal_error,
 )
+from coordinator.http.openapi import OPENAPI
 from coordinator.http.protocol import (
     ChunkShape,
     Endpoint,
@@ -45,6 +49,7 @@ from coordinator.http.protocol import (
     parse_completion_request,
 )
 from coordinator.http.sse import STREAM_HEADERS, SseWriter
+from coordinator.metrics import CONTENT_TYPE, CoordinatorMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +66,29 @@ _request_id: ContextVar[str] = ContextVar("meshmint_http_request_id")
 
 
 def create_app(
-    service: InferenceService, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    service: InferenceService,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: CoordinatorMetrics | None = None,
 ) -> web.Application:
-    """The aiohttp application; serving it (runner, site, shutdown) is the caller's business."""
-    api = _Api(service)
+    """The aiohttp application; serving it (runner, site, shutdown) is the caller's business.
+
+    ``metrics`` is served at ``/metrics`` and counts responses; the service should record into
+    the same object. Without it the app counts into a private one.
+    """
+    metrics = metrics if metrics is not None else CoordinatorMetrics()
+    api = _Api(service, metrics)
     app = web.Application(
-        client_max_size=max_body_bytes, middlewares=[_error_middleware(max_body_bytes)]
+        client_max_size=max_body_bytes, middlewares=[_error_middleware(max_body_bytes, metrics)]
     )
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/v1/models/{model}", api.model)
     app.router.add_get("/health", api.health)
+    app.router.add_get("/health/ready", api.ready)
+    app.router.add_get("/metrics", api.metrics)
+    app.router.add_get("/openapi.json", api.openapi)
     return app
 
 
@@ -88,7 +104,13 @@ def _request_id_for(request: web.Request) -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
-def _error_middleware(max_body_bytes: int) -> Middleware:
+def _endpoint(request: web.Request) -> str:
+    # The route's template, never the raw path: unknown paths must not grow the label set.
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _error_middleware(max_body_bytes: int, metrics: CoordinatorMetrics) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = _request_id_for(request)
@@ -97,6 +119,7 @@ def _error_middleware(max_body_bytes: int) -> Middleware:
             response = await _respond(request, handler, request_id, max_body_bytes)
         finally:
             _request_id.reset(token)
+        metrics.http_response(_endpoint(request), response.status)
         if not response.prepared:  # a stream sets its own header before it starts
             response.headers[REQUEST_ID_HEADER] = request_id
         return response
@@ -127,11 +150,22 @@ async def _respond(
 class _Api:
     """The route handlers, bound to one service."""
 
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, metrics: CoordinatorMetrics) -> None:
         self._service = service
+        self._metrics = metrics
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response(_health_body(await self._service.readiness()))
+
+    async def ready(self, request: web.Request) -> web.Response:
+        readiness = await self._service.readiness()
+        return web.json_response(_health_body(readiness), status=200 if readiness.ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(OPENAPI, dumps=compact_json)
 
     async def models(self, request: web.Request) -> web.Response:
         await self._authenticate(request)
@@ -174,7 +208,7 @@ class _Api:
         if options.stream:
             return await self._stream(request, endpoint, buyer, completion_request, options)
         async with self._service.complete(buyer, completion_request) as completion:
-            text = "".join([delta.text async for delta in completion])
+            deltas = [delta async for delta in completion]
             finish_reason = completion.finish_reason or "stop"
         # Leaving the context settles the bill, so usage is read after it.
         body = completion_body(
@@ -182,9 +216,10 @@ class _Api:
             completion_id=completion.id,
             created=completion.created,
             model=completion.model,
-            text=text,
+            text="".join(delta.text for delta in deltas),
             finish_reason=finish_reason,
             usage=completion.usage,
+            logprobs=[t for delta in deltas for t in delta.tokens] if options.logprobs else None,
         )
         return web.json_response(body, dumps=compact_json)
 
@@ -207,6 +242,7 @@ class _Api:
                     created=completion.created,
                     model=completion.model,
                     include_usage=options.include_usage,
+                    logprobs=options.logprobs,
                 )
                 await response.prepare(request)
                 opening = chunks.opening()
@@ -215,8 +251,8 @@ class _Api:
                 # A write to a gone client raises, which leaves the loop before the next delta
                 # is asked for: the service then bills only what was delivered.
                 async for delta in completion:
-                    if delta.text:
-                        await sse.send(chunks.text(delta.text))
+                    if delta.text or (options.logprobs and delta.tokens):
+                        await sse.send(chunks.text(delta.text, delta.tokens))
                 await sse.send(chunks.finish(completion.finish_reason or "stop"))
             await sse.send(chunks.usage(completion.usage))
             await sse.done()
@@ -229,6 +265,10 @@ class _Api:
                 raise  # nothing sent yet: the middleware answers with a plain HTTP error
             await _send_stream_error(sse, exc, request_id)
         return response
+
+
+def _health_body(readiness: Readiness) -> dict[str, object]:
+    return {"status": "ok", "ready": readiness.ready, "miners": readiness.miners}
 
 
 async def _send_stream_error(sse: SseWriter, exc: Exception, request_id: str) -> None:

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Literal, TypeGuard
 
-from coordinator.api import ChatMessage, CompletionRequest, FinishReason, ModelCard, Usage
+from coordinator.api import (
+    ChatMessage,
+    CompletionRequest,
+    FinishReason,
+    ModelCard,
+    TokenLogprob,
+    Usage,
+)
 from coordinator.errors import InvalidRequestError
 
 Endpoint = Literal["chat", "text"]
@@ -36,7 +43,18 @@ _ROLES: dict[str, Literal["system", "user", "assistant"]] = {
 }
 
 # Fields that would change the output if we accepted and ignored them; a later issue adds some.
-_UNSUPPORTED_WHEN_SET = ("stop", "top_logprobs", "tools", "functions", "suffix")
+_UNSUPPORTED_WHEN_SET = ("tools", "functions", "suffix")
+
+MAX_STOP_SEQUENCES = 4
+"""OpenAI's limit on ``stop`` strings per request."""
+
+MAX_STOP_CHARS = 1000
+"""Longest stop string accepted: the coordinator holds back up to this much streamed text."""
+
+_MAX_TOP_LOGPROBS = {"chat": 20, "text": 5}  # OpenAI's ranges for top_logprobs / logprobs
+_TOP_LOGPROBS_UNSUPPORTED = (
+    "top_logprobs are not supported: miners report only the chosen token's log-probability"
+)
 
 
 @dataclass(frozen=True)
@@ -45,13 +63,14 @@ class StreamOptions:
 
     stream: bool  # server-sent events instead of one JSON body
     include_usage: bool  # stream_options.include_usage: every chunk carries "usage" (null but last)
+    logprobs: bool = False  # each token's log-probability goes out with the text
 
 
 def parse_chat_request(body: object) -> tuple[CompletionRequest, StreamOptions]:
     """Validates a /v1/chat/completions body."""
     fields = _require_object(body)
     messages = _parse_messages(fields.get("messages"))
-    return _parse_common(fields, messages=messages, prompt=None)
+    return _parse_common(fields, "chat", messages=messages, prompt=None)
 
 
 def parse_completion_request(body: object) -> tuple[CompletionRequest, StreamOptions]:
@@ -62,7 +81,7 @@ def parse_completion_request(body: object) -> tuple[CompletionRequest, StreamOpt
     if fields.get("best_of") not in (None, 1):
         raise InvalidRequestError("best_of must be 1", param="best_of")
     prompt = _parse_prompt(fields.get("prompt"))
-    return _parse_common(fields, messages=None, prompt=prompt)
+    return _parse_common(fields, "text", messages=None, prompt=prompt)
 
 
 def _require_object(body: object) -> JsonObject:
@@ -72,7 +91,11 @@ def _require_object(body: object) -> JsonObject:
 
 
 def _parse_common(
-    fields: JsonObject, *, messages: tuple[ChatMessage, ...] | None, prompt: str | None
+    fields: JsonObject,
+    endpoint: Endpoint,
+    *,
+    messages: tuple[ChatMessage, ...] | None,
+    prompt: str | None,
 ) -> tuple[CompletionRequest, StreamOptions]:
     model = fields.get("model")
     if not isinstance(model, str) or not model:
@@ -86,8 +109,10 @@ def _parse_common(
         temperature=_number(fields, "temperature", default=1.0, low=0.0, high=2.0),
         top_p=_number(fields, "top_p", default=1.0, low=0.0, high=1.0, low_open=True),
         seed=_parse_seed(fields.get("seed")),
+        stop=_parse_stop(fields.get("stop")),
     )
-    return request, _parse_stream_options(fields)
+    options = _parse_stream_options(fields)
+    return request, replace(options, logprobs=_parse_logprobs(fields, endpoint))
 
 
 def _reject_unsupported(fields: JsonObject) -> None:
@@ -98,14 +123,52 @@ def _reject_unsupported(fields: JsonObject) -> None:
         value = fields.get(name)
         if value is not None and value != [] and value != "":
             raise InvalidRequestError(f"{name} is not supported yet", param=name)
-    # Chat takes logprobs as a bool, completions as an int: false, null and 0 all mean "none".
-    if fields.get("logprobs") not in (None, False, 0):
-        raise InvalidRequestError("logprobs is not supported yet", param="logprobs")
     response_format = fields.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise InvalidRequestError(
             "response_format other than text is not supported yet", param="response_format"
         )
+
+
+def _parse_stop(value: object) -> tuple[str, ...]:
+    if value is None or value == []:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOP_SEQUENCES
+        or not all(isinstance(stop, str) and 0 < len(stop) <= MAX_STOP_CHARS for stop in stops)
+    ):
+        raise InvalidRequestError(
+            f"stop must be a string or an array of up to {MAX_STOP_SEQUENCES} non-empty strings "
+            f"of at most {MAX_STOP_CHARS} characters",
+            param="stop",
+        )
+    return tuple(stops)
+
+
+def _parse_logprobs(fields: JsonObject, endpoint: Endpoint) -> bool:
+    """Whether the buyer asked for logprobs; only the chosen token's are available."""
+    value = fields.get("logprobs")
+    top = fields.get("top_logprobs")
+    if top is not None and (not _is_int(top) or not 0 <= top <= _MAX_TOP_LOGPROBS["chat"]):
+        raise InvalidRequestError(
+            "top_logprobs must be an integer from 0 to 20", param="top_logprobs"
+        )
+    if _is_int(top) and top > 0:
+        raise InvalidRequestError(_TOP_LOGPROBS_UNSUPPORTED, param="top_logprobs")
+    if endpoint == "chat":
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequestError("logprobs must be a boolean", param="logprobs")
+        return bool(value)
+    # Completions take the number of alternatives per token; false and null mean none at all.
+    if value is None or value is False:
+        return False
+    if not _is_int(value) or not 0 <= value <= _MAX_TOP_LOGPROBS["text"]:
+        raise InvalidRequestError("logprobs must be an integer from 0 to 5", param="logprobs")
+    if value > 0:
+        raise InvalidRequestError(_TOP_LOGPROBS_UNSUPPORTED, param="logprobs")
+    return True
 
 
 def _parse_messages(value: object) -> tuple[ChatMessage, ...]:
@@ -244,15 +307,16 @@ def completion_body(
     text: str,
     finish_reason: FinishReason,
     usage: Usage,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> JsonObject:
-    """The non-streaming response body."""
+    """The non-streaming response body; ``logprobs`` when the buyer asked for them."""
     choice: JsonObject = {"index": 0}
     if endpoint == "chat":
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
     choice["finish_reason"] = finish_reason
-    choice["logprobs"] = None
+    choice["logprobs"] = None if logprobs is None else logprobs_body(endpoint, logprobs)
     return {
         "id": completion_id,
         "object": "chat.completion" if endpoint == "chat" else "text_completion",
@@ -263,7 +327,48 @@ def completion_body(
     }
 
 
-@dataclass(frozen=True)
+_LOWEST_LOGPROB = -9999.0  # OpenAI's stand-in for log(0); JSON has no -Infinity
+
+
+def logprobs_body(
+    endpoint: Endpoint, tokens: Sequence[TokenLogprob], *, text_offset: int = 0
+) -> JsonObject:
+    """The ``logprobs`` of a choice: chat's ``content`` list or the legacy completions shape.
+
+    Values are the miner's claims, forced into [-9999, 0] so a bad one cannot break the JSON.
+    ``text_offset`` is where the first token's text starts in the completion text.
+    """
+    values = [_sane_logprob(token.logprob) for token in tokens]
+    if endpoint == "chat":
+        content: list[JsonObject] = [
+            {
+                "token": token.text,
+                "logprob": value,
+                "bytes": list(token.text.encode()),
+                "top_logprobs": [],
+            }
+            for token, value in zip(tokens, values, strict=True)
+        ]
+        return {"content": content, "refusal": None}
+    offsets: list[int] = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token.text)
+    return {
+        "tokens": [token.text for token in tokens],
+        "token_logprobs": values,
+        "top_logprobs": None,
+        "text_offset": offsets,
+    }
+
+
+def _sane_logprob(value: float) -> float:
+    if math.isnan(value):
+        return _LOWEST_LOGPROB
+    return min(0.0, max(_LOWEST_LOGPROB, value))
+
+
+@dataclass
 class ChunkShape:
     """Builds the chunks of one stream; they all share its id, created time and model."""
 
@@ -272,6 +377,9 @@ class ChunkShape:
     created: int  # the same "created" in every chunk
     model: str  # catalog name
     include_usage: bool  # OpenAI's include_usage: "usage": null on every chunk but the last
+    logprobs: bool = False  # text chunks carry their tokens' logprobs
+    # Completions' text_offset of the next token: the text length of the tokens sent so far.
+    _text_offset: int = field(default=0, init=False)
 
     def opening(self) -> JsonObject | None:
         """Chat streams announce the assistant role first; completion streams need nothing."""
@@ -279,8 +387,13 @@ class ChunkShape:
             return None
         return self._chunk(self._choice({"role": "assistant", "content": ""}, None))
 
-    def text(self, text: str) -> JsonObject:
-        return self._chunk(self._choice({"content": text}, None, text=text))
+    def text(self, text: str, tokens: Sequence[TokenLogprob] = ()) -> JsonObject:
+        """A piece of output; ``tokens`` are the ones behind it, for logprobs."""
+        choice = self._choice({"content": text}, None, text=text)
+        if self.logprobs:
+            choice["logprobs"] = logprobs_body(self.endpoint, tokens, text_offset=self._text_offset)
+            self._text_offset += sum(len(token.text) for token in tokens)
+        return self._chunk(choice)
 
     def finish(self, finish_reason: FinishReason) -> JsonObject:
         return self._chunk(self._choice({}, finish_reason, text=""))

@@ -19,6 +19,7 @@ from coordinator.api import (
     CompletionRequest,
     FinishReason,
     ModelCard,
+    Readiness,
     TextDelta,
     Usage,
 )
@@ -105,6 +106,7 @@ class FakeInferenceService:
     cards: list[ModelCard] = field(default_factory=list)
     runs: list[Run] = field(default_factory=list)
     models_error: BaseException | None = None  # raised by models()
+    miners: int = 0  # what readiness() reports as connected
 
     async def authenticate(self, api_key: str) -> Buyer:
         if api_key != API_KEY:
@@ -115,6 +117,9 @@ class FakeInferenceService:
         if self.models_error is not None:
             raise self.models_error
         return list(self.cards)
+
+    async def readiness(self) -> Readiness:
+        return Readiness(ready=self.miners > 0, miners=self.miners)
 
     @asynccontextmanager
     async def complete(

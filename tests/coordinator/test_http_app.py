@@ -291,5 +291,5 @@ async def test_models_list(client: AsyncOpenAI, service: FakeInferenceService) -
 async def test_health_needs_no_key(base_url: str, http: aiohttp.ClientSession) -> None:
     async with http.get(base_url.removesuffix("/v1") + "/health") as response:
         assert response.status == 200
-        assert await response.json() == {"status": "ok"}
+        assert await response.json() == {"status": "ok", "ready": False, "miners": 0}
         assert response.headers["x-request-id"].startswith("req_")

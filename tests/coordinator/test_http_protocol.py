@@ -119,9 +119,15 @@ def test_supported_values_of_unsupported_features_are_accepted() -> None:
         ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
         ({"n": 2}, "n"),
         ({"n": True}, "n"),
-        ({"stop": ["\n"]}, "stop"),
-        ({"logprobs": True}, "logprobs"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["a", ""]}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": 3}, "stop"),
+        ({"stop": ["x" * 1001]}, "stop"),
+        ({"logprobs": 1}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": True}, "top_logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -140,7 +146,34 @@ def test_body_must_be_an_object() -> None:
 
 def test_unsupported_features_say_so() -> None:
     with pytest.raises(InvalidRequestError, match="not supported yet"):
-        parse_chat_request(chat(stop="x"))
+        parse_chat_request(chat(tools=[{"type": "function"}]))
+    with pytest.raises(InvalidRequestError, match="top_logprobs are not supported: miners"):
+        parse_chat_request(chat(logprobs=True, top_logprobs=3))
+    with pytest.raises(InvalidRequestError, match="top_logprobs are not supported: miners"):
+        parse_completion_request({"model": "tiny", "prompt": "p", "logprobs": 1})
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [(None, ()), ([], ()), ("\n", ("\n",)), (["a", "bc", "a"], ("a", "bc", "a"))],
+)
+def test_stop_forms(stop: object, expected: tuple[str, ...]) -> None:
+    assert parse_chat_request(chat(stop=stop))[0].stop == expected
+    body = {"model": "tiny", "prompt": "p", "stop": stop}
+    assert parse_completion_request(body)[0].stop == expected
+
+
+def test_logprobs_flags() -> None:
+    def chat_wants(**fields: Any) -> bool:
+        return parse_chat_request(chat(**fields))[1].logprobs
+
+    def text_wants(**fields: Any) -> bool:
+        return parse_completion_request({"model": "tiny", "prompt": "p", **fields})[1].logprobs
+
+    assert chat_wants(logprobs=True) and chat_wants(logprobs=True, top_logprobs=0)
+    assert not chat_wants() and not chat_wants(logprobs=False, top_logprobs=0)
+    assert text_wants(logprobs=0)
+    assert not text_wants() and not text_wants(logprobs=None) and not text_wants(logprobs=False)
     with pytest.raises(InvalidRequestError, match="only text content is supported"):
         parse_chat_request(chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]))
 
@@ -160,6 +193,9 @@ def test_completion_prompt_forms() -> None:
         ({"prompt": None}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
         ({"echo": True}, "echo"),
         ({"best_of": 3}, "best_of"),
         ({"suffix": "end"}, "suffix"),
