@@ -19,7 +19,9 @@ from pathlib import Path
 
 from coordinator.config import CatalogSource, CoordinatorConfig
 from coordinator.dispatch import DispatchConfig
+from coordinator.gateway.servicer import GatewayConfig
 from coordinator.keys import KeyStore
+from coordinator.limits import LimitsConfig
 from coordinator.server import run_coordinator
 from coordinator.service import BillingConfig
 from ledger.checkpointer import SequencerFencedError, SigningKeyChangedError
@@ -47,6 +49,10 @@ def _price(text: str) -> int:
         return parse_credits(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _spend_limit(text: str) -> int | None:
+    return None if text.lower() == "none" else _price(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +112,27 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="skip a miner that produces no token within this time (default 60)",
     )
+    serve.add_argument(
+        "--rpm",
+        type=int,
+        default=LimitsConfig.requests_per_minute,
+        metavar="N",
+        help="requests per minute per API key, 0 = unlimited (default %(default)s)",
+    )
+    serve.add_argument(
+        "--tpm",
+        type=int,
+        default=LimitsConfig.tokens_per_minute,
+        metavar="N",
+        help="prompt + max_tokens per minute per API key, 0 = unlimited (default %(default)s)",
+    )
+    serve.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="heartbeat period; a miner silent for 3 periods is evicted (default 1)",
+    )
 
     keys = commands.add_parser("keys", help="manage buyers' API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -113,9 +140,16 @@ def _parser() -> argparse.ArgumentParser:
     storage(create)
     create.add_argument("--name", required=True, help="a label for the key")
     create.add_argument("--credits", type=_price, default=0, help="credits to grant (e.g. 10.5)")
+    create.add_argument(
+        "--spend-limit", type=_price, metavar="CREDITS", help="most the key may ever spend"
+    )
     revoke = key_commands.add_parser("revoke", help="revoke an API key")
     storage(revoke)
     revoke.add_argument("key_id")
+    limit = key_commands.add_parser("limit", help="set or lift (none) a key's spend limit")
+    storage(limit)
+    limit.add_argument("key_id")
+    limit.add_argument("spend_limit", type=_spend_limit, metavar="CREDITS|none")
 
     credits = commands.add_parser("credits", help="manage buyers' credits")
     credit_commands = credits.add_subparsers(dest="credits_command", required=True)
@@ -161,7 +195,7 @@ async def _with_ledger(
 
 
 async def _create_key(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:
-    key = await keys.issue(args.name)
+    key = await keys.issue(args.name, spend_limit=args.spend_limit)
     account = AccountRef(AccountKind.BUYER, key.key_id)
     await ledger.open_account(account)
     if args.credits:
@@ -178,6 +212,14 @@ async def _revoke_key(args: argparse.Namespace, keys: KeyStore, ledger: Postgres
     return f"revoked {args.key_id}"
 
 
+async def _limit_key(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:
+    if not await keys.set_spend_limit(args.key_id, args.spend_limit):
+        raise UsageError(f"no key {args.key_id!r}")
+    if args.spend_limit is None:
+        return f"{args.key_id}: no spend limit"
+    return f"{args.key_id}: spend limit {format_credits(args.spend_limit)} credits"
+
+
 async def _add_credits(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:
     account = AccountRef(AccountKind.BUYER, args.key_id)
     await ledger.mint(account, args.amount, memo="credits added by the operator")
@@ -188,6 +230,10 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
     data_dir, database_url = _storage(args)
     if not 0 <= args.fee_bps <= 10_000:
         raise UsageError("--fee-bps must be between 0 and 10000")
+    if args.rpm < 0 or args.tpm < 0:
+        raise UsageError("--rpm and --tpm must be 0 (unlimited) or more")
+    if not args.heartbeat_interval > 0:
+        raise UsageError("--heartbeat-interval must be positive")
     return CoordinatorConfig(
         catalog=CatalogSource(
             model_specs=tuple(args.model or ()),
@@ -201,8 +247,10 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         http_port=args.http[1],
         grpc_host=args.grpc[0],
         grpc_port=args.grpc[1],
+        gateway=GatewayConfig(heartbeat_interval_s=args.heartbeat_interval),
         dispatch=DispatchConfig(first_token_timeout_s=args.first_token_timeout),
         billing=BillingConfig(fee_bps=args.fee_bps),
+        limits=LimitsConfig(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
         ledger_key_path=args.ledger_key,
         ledger_origin=args.ledger_origin,
         rotate_ledger_key=args.rotate_ledger_key,
@@ -223,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             action = {
                 ("keys", "create"): _create_key,
                 ("keys", "revoke"): _revoke_key,
+                ("keys", "limit"): _limit_key,
                 ("credits", "add"): _add_credits,
             }[(args.command, getattr(args, f"{args.command}_command"))]
             asyncio.run(_with_ledger(args, functools.partial(action, args)))

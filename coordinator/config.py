@@ -7,6 +7,7 @@ from pathlib import Path
 
 from coordinator.dispatch import DispatchConfig
 from coordinator.gateway.servicer import GatewayConfig
+from coordinator.limits import LimitsConfig
 from coordinator.service import BillingConfig
 
 
@@ -34,6 +35,7 @@ class CoordinatorConfig:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)  # miner sessions
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)  # failover and timeouts
     billing: BillingConfig = field(default_factory=BillingConfig)  # the operator's fee
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # requests/tokens per minute per key
     max_body_bytes: int = 4 * 1024 * 1024  # largest HTTP request body accepted
     ledger_key_path: Path | None = None  # Ed25519 checkpoint signing key; None: data_dir/ledger.key
     ledger_origin: str = "meshmint.local/ledger"  # the log's name in every checkpoint; never change

@@ -6,12 +6,20 @@ CoordinatorError
 │   ├── InvalidRequestError        malformed body or parameter (400)
 │   │   └── ContextLengthError     prompt (+ max_tokens) longer than the model's context (400)
 │   ├── ModelNotFoundError         no such model in the catalog (404)
-│   └── InsufficientCreditsError   the balance does not cover the request's maximum cost (402)
+│   ├── InsufficientCreditsError   the balance does not cover the request's maximum cost (402)
+│   ├── RateLimitedError           the key's requests or tokens per minute are spent (429)
+│   └── SpendLimitError            the request could push the key past its spend limit (429)
 ├── NoMinerAvailableError          no connected miner can take the job now (503, Retry-After)
 └── UpstreamError                  the miner failed after tokens were streamed (SSE error event)
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+LimitKind = Literal["requests", "tokens"]
 
 
 class CoordinatorError(Exception):
@@ -44,6 +52,52 @@ class ModelNotFoundError(RequestError):
 
 class InsufficientCreditsError(RequestError):
     """The buyer's balance does not cover the request's maximum cost."""
+
+
+@dataclass(frozen=True)
+class RateLimitState:
+    """One per-minute limit of one key, as it stood when a request was admitted or refused."""
+
+    limit: int  # per minute
+    remaining: int  # what the key may still use now
+    reset_s: float  # seconds until the limit is back to full
+
+
+class RateLimitedError(RequestError):
+    """The key used up a per-minute limit; ``retry_after_s`` says when this request would pass.
+
+    ``states`` holds every limit in force (requests, tokens) for the x-ratelimit-* headers;
+    ``limit_kind`` names the one that refused.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        limit_kind: LimitKind,
+        states: Mapping[LimitKind, RateLimitState],
+    ) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.limit_kind = limit_kind
+        self.states = dict(states)
+
+    @property
+    def limit(self) -> int:
+        return self.states[self.limit_kind].limit
+
+    @property
+    def remaining(self) -> int:
+        return self.states[self.limit_kind].remaining
+
+    @property
+    def reset_s(self) -> float:
+        return self.states[self.limit_kind].reset_s
+
+
+class SpendLimitError(RequestError):
+    """Spent plus held plus this request's maximum cost would exceed the key's spend limit."""
 
 
 class NoMinerAvailableError(CoordinatorError):

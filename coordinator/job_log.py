@@ -87,3 +87,10 @@ class JobLog:
             job.receipt,
             job.receipt_signature,
         )
+
+    async def spent(self, key_id: str) -> int:
+        """Micro-units charged to the key over all its logged jobs."""
+        value = await self._pool.fetchval(
+            "SELECT COALESCE(sum(cost), 0) FROM coordinator_jobs WHERE key_id = $1", key_id
+        )
+        return int(value)

@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS coordinator_api_keys (
     created_at    timestamptz NOT NULL DEFAULT now(),
     revoked_at    timestamptz
 );
+-- Micro-units the key may spend in all (the sum of its jobs' costs); NULL: no limit.
+ALTER TABLE coordinator_api_keys ADD COLUMN IF NOT EXISTS spend_limit bigint;
 """
 
 
@@ -50,16 +52,18 @@ class KeyStore:
             await connection.execute(_SCHEMA)
         return cls(pool)
 
-    async def issue(self, name: str) -> NewKey:
+    async def issue(self, name: str, *, spend_limit: int | None = None) -> NewKey:
         key = NewKey(
             key_id=f"key_{secrets.token_hex(8)}",
             secret=_SECRET_PREFIX + secrets.token_urlsafe(32),
         )
         await self._pool.execute(
-            "INSERT INTO coordinator_api_keys (key_id, name, secret_sha256) VALUES ($1, $2, $3)",
+            "INSERT INTO coordinator_api_keys (key_id, name, secret_sha256, spend_limit) "
+            "VALUES ($1, $2, $3, $4)",
             key.key_id,
             name,
             _digest(key.secret),
+            spend_limit,
         )
         return key
 
@@ -70,6 +74,22 @@ class KeyStore:
             key_id,
         )
         return bool(status.endswith(" 1"))
+
+    async def set_spend_limit(self, key_id: str, spend_limit: int | None) -> bool:
+        """Sets or (with None) lifts a key's spend limit; False when there is no such key."""
+        status = await self._pool.execute(
+            "UPDATE coordinator_api_keys SET spend_limit = $2 WHERE key_id = $1",
+            key_id,
+            spend_limit,
+        )
+        return bool(status.endswith(" 1"))
+
+    async def spend_limit(self, key_id: str) -> int | None:
+        """Micro-units the key may spend in all; None when unlimited or unknown."""
+        value = await self._pool.fetchval(
+            "SELECT spend_limit FROM coordinator_api_keys WHERE key_id = $1", key_id
+        )
+        return int(value) if value is not None else None
 
     async def authenticate(self, secret: str) -> Buyer:
         if not secret.startswith(_SECRET_PREFIX) or len(secret) > 256:

@@ -20,6 +20,7 @@ from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.job_log import JobLog
 from coordinator.keys import KeyStore
+from coordinator.limits import RateLimiter
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.receipts import LedgerReceipts
 from coordinator.registry import MinerRegistry
@@ -92,6 +93,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             job_log=job_log,
             on_credit=receipts.credited,
             metrics=metrics,
+            limits=RateLimiter(config.limits),
         )
 
         async def open_miner_account(session: MinerSession) -> None:

@@ -7,7 +7,8 @@ Billing rules (docs/architecture.md, "Billing"):
   never spend more than the balance;
 - only delivered completion tokens are billed; a request that delivered none costs nothing;
 - a completion cut at a stop string is billed through the token that completed the stop string;
-- the operator's fee is floor(cost x fee_bps / 10000); the miner is credited the rest.
+- the operator's fee is floor(cost x fee_bps / 10000); the miner is credited the rest;
+- per-key rate and spend limits are checked before the hold; a refused request costs nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from coordinator.errors import (
 )
 from coordinator.job_log import JobLog, JobRecord
 from coordinator.keys import KeyStore
+from coordinator.limits import RateLimiter, Reservation, SpendGuard, SpendHold
 from coordinator.metrics import CoordinatorMetrics, RequestTimer
 from coordinator.receipts import CreditedJob
 from coordinator.registry import MinerRegistry
@@ -101,10 +103,13 @@ class MarketplaceService:
         job_log: JobLog,
         on_credit: Callable[[CreditedJob], None] | None = None,
         metrics: CoordinatorMetrics | None = None,
+        limits: RateLimiter | None = None,
     ) -> None:
         """``on_credit`` hears of every settlement that credited a miner, once it committed.
 
         ``metrics`` receives latencies and billed tokens; without it they go to a private set.
+        ``limits`` enforces requests and tokens per minute per key; None: no rate limits.
+        Spend limits (set per key in the key store) are always enforced.
         """
         self._billing = billing
         self._catalog = catalog
@@ -115,6 +120,8 @@ class MarketplaceService:
         self._job_log = job_log
         self._on_credit = on_credit
         self._metrics = metrics if metrics is not None else CoordinatorMetrics()
+        self._limits = limits
+        self._spend = SpendGuard(keys=keys, job_log=job_log)
 
     async def authenticate(self, api_key: str) -> Buyer:
         return await self._keys.authenticate(api_key)
@@ -169,7 +176,18 @@ class MarketplaceService:
                 stop_token_ids=entry.tokenizer.stop_token_ids,
             ),
         )
-        hold = await self._hold(account, max_cost, job)
+        reservation = (
+            self._limits.check(buyer.key_id, tokens=len(prompt_ids) + max_tokens)
+            if self._limits is not None
+            else None
+        )
+        spend: SpendHold | None = None
+        try:
+            spend = await self._spend.admit(buyer.key_id, max_cost)
+            hold = await self._hold(account, max_cost, job)
+        except BaseException:
+            await asyncio.shield(self._release_limits(reservation, spend, None))
+            raise
         completion: _TimedCompletion | None = None
         try:
             run = await self._dispatcher.start(job)
@@ -185,7 +203,9 @@ class MarketplaceService:
             yield completion
         finally:
             # Shielded: a buyer who disconnects cancels the request, never the settlement.
-            await asyncio.shield(self._finish(buyer, hold, entry, completion))
+            await asyncio.shield(
+                self._finish(buyer, hold, entry, completion, reservation=reservation, spend=spend)
+            )
 
     def _tokenize(self, entry: CatalogEntry, request: CompletionRequest) -> list[int]:
         try:
@@ -244,7 +264,37 @@ class MarketplaceService:
                 f"completion tokens); the balance is {format_credits(error.available)}"
             ) from None
 
+    async def _release_limits(
+        self,
+        reservation: Reservation | None,
+        spend: SpendHold | None,
+        completion: _TimedCompletion | None,
+    ) -> None:
+        """After settling: rate limits keep the tokens used; a request never started costs none."""
+        if reservation is not None and self._limits is not None:
+            if completion is None:
+                self._limits.cancel(reservation)
+            else:
+                self._limits.record_usage(reservation, tokens=completion.usage.total_tokens)
+        if spend is not None:
+            await self._spend.finished(spend)
+
     async def _finish(
+        self,
+        buyer: Buyer,
+        hold: Hold | None,
+        entry: CatalogEntry,
+        completion: _TimedCompletion | None,
+        *,
+        reservation: Reservation | None,
+        spend: SpendHold | None,
+    ) -> None:
+        try:
+            await self._settle(buyer, hold, entry, completion)
+        finally:
+            await self._release_limits(reservation, spend, completion)
+
+    async def _settle(
         self,
         buyer: Buyer,
         hold: Hold | None,

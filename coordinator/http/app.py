@@ -23,7 +23,7 @@ from contextvars import ContextVar
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
-from coordinator.api import Buyer, CompletionRequest, InferenceService, Readiness
+from coordinator.api import Buyer, CompletionRequest, InferenceService, Readiness, TextDelta
 from coordinator.errors import (
     AuthenticationError,
     CoordinatorError,
@@ -207,8 +207,15 @@ class _Api:
     ) -> web.StreamResponse:
         if options.stream:
             return await self._stream(request, endpoint, buyer, completion_request, options)
+        deltas: list[TextDelta] = []
         async with self._service.complete(buyer, completion_request) as completion:
-            deltas = [delta async for delta in completion]
+            async for delta in completion:
+                # Nothing is written until the end, so a client that left is noticed only here,
+                # at each token: leaving the context then cancels the job on the miner.
+                if request.transport is None or request.transport.is_closing():
+                    logger.info("request %s: the client went away", current_request_id())
+                    break
+                deltas.append(delta)
             finish_reason = completion.finish_reason or "stop"
         # Leaving the context settles the bill, so usage is read after it.
         body = completion_body(

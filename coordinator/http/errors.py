@@ -3,11 +3,17 @@
 This is the only place that assigns HTTP status codes to :mod:`coordinator.errors`. The body is
 always ``{"error": {"message", "type", "code", "param"}}`` so every OpenAI client can read it;
 the same body travels as an SSE event when a stream fails after it started.
+
+Limits answer 429 as OpenAI does: a rate limit with ``Retry-After`` and OpenAI's
+``x-ratelimit-*`` headers (clients back off and retry); a spend limit with type
+``insufficient_quota``, code ``spend_limit_exceeded``, no ``Retry-After`` and
+``x-should-retry: false`` (waiting does not help; the operator must raise the limit).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,7 +27,9 @@ from coordinator.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NoMinerAvailableError,
+    RateLimitedError,
     RequestError,
+    SpendLimitError,
     UpstreamError,
 )
 
@@ -75,6 +83,18 @@ def http_error_for(exc: CoordinatorError) -> HttpError:
         return HttpError(404, message, INVALID_REQUEST, code="model_not_found", param="model")
     if isinstance(exc, InsufficientCreditsError):
         return HttpError(402, message, "insufficient_credits", code="insufficient_credits")
+    if isinstance(exc, RateLimitedError):
+        return HttpError(
+            429, message, "rate_limit_exceeded", code="rate_limit_exceeded", headers=_rate(exc)
+        )
+    if isinstance(exc, SpendLimitError):
+        return HttpError(
+            429,
+            message,
+            "insufficient_quota",
+            code="spend_limit_exceeded",
+            headers={"x-should-retry": "false"},
+        )
     if isinstance(exc, RequestError):
         return HttpError(400, message, INVALID_REQUEST)
     if isinstance(exc, NoMinerAvailableError):
@@ -88,6 +108,28 @@ def http_error_for(exc: CoordinatorError) -> HttpError:
     if isinstance(exc, UpstreamError):
         return HttpError(502, message, "upstream_error", code="upstream_error")
     return HttpError(500, message, "server_error")
+
+
+def _rate(exc: RateLimitedError) -> dict[str, str]:
+    headers = {
+        "Retry-After": str(max(1, math.ceil(exc.retry_after_s))),
+        "retry-after-ms": str(max(1, math.ceil(exc.retry_after_s * 1000))),
+    }
+    for kind, state in exc.states.items():
+        headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = duration(state.reset_s)
+    return headers
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1.5s", "6m0s"."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 10) / 10:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
 
 
 def internal_error(request_id: str) -> HttpError:

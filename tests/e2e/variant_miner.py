@@ -2,13 +2,16 @@
 
 Test-only: these variants never ship in the CLI. Usage:
     python tests/e2e/variant_miner.py VARIANT [miner CLI args...]
-VARIANT is one of: honest, slow:<seconds per token>, die-on-job, garbage.
+VARIANT is one of: honest, slow:<seconds per token>, die-on-job, freeze-on-job, garbage.
+freeze-on-job SIGSTOPs the miner's own process when it takes a job: it stops heartbeating, but
+its TCP connection stays open, like a hung machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +33,8 @@ class VariantEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GeneratedToken]:
         if self._variant == "die-on-job":
             os._exit(17)  # the process vanishes after taking a job, before any token
+        if self._variant == "freeze-on-job":
+            os.kill(os.getpid(), signal.SIGSTOP)  # hangs here until SIGCONT
         if self._variant == "garbage":
             yield GeneratedToken(token_id=self.info.vocab_size + 7, logprob=-1.0)
             return
