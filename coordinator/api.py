@@ -115,6 +115,10 @@ class Completion(Protocol):
     @property
     def usage(self) -> Usage: ...
 
+    def abandon(self) -> None:
+        """The response will never reach the buyer (a non-streaming client left): bill nothing."""
+        ...
+
 
 class InferenceService(Protocol):
     """The coordinator as the HTTP layer uses it."""

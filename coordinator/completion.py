@@ -80,6 +80,7 @@ class RunningCompletion:
         self.stopped = False  # a stop string ended the output
         self.verified: VerifiedResult | None = None
         self.misbehaved = False
+        self.abandoned = False  # the buyer left before any of it could be delivered
         self._entry = entry
         self._stop = stop
         self._stream: AsyncGenerator[TextDelta, None] | None = None
@@ -106,13 +107,17 @@ class RunningCompletion:
 
     def cost(self) -> int:
         """What the buyer owes now: delivered tokens only; nothing when nothing was delivered."""
-        if not self.delivered_ids or self.misbehaved:
+        if not self.delivered_ids or self.misbehaved or self.abandoned:
             return 0
         return request_cost(
             self._entry,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=len(self.delivered_ids),
         )
+
+    def abandon(self) -> None:
+        """Nothing will reach the buyer: the miner is stopped on exit and nothing is billed."""
+        self.abandoned = True
 
     async def aclose(self) -> None:
         """Stops the miner if it is still generating and closes the delta stream."""

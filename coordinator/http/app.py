@@ -213,7 +213,9 @@ class _Api:
                 # Nothing is written until the end, so a client that left is noticed only here,
                 # at each token: leaving the context then cancels the job on the miner.
                 if request.transport is None or request.transport.is_closing():
+                    # A non-streaming answer that can no longer be sent delivered nothing.
                     logger.info("request %s: the client went away", current_request_id())
+                    completion.abandon()
                     break
                 deltas.append(delta)
             finish_reason = completion.finish_reason or "stop"

@@ -65,6 +65,7 @@ class FakeCompletion:
         self.prompt_tokens = PROMPT_TOKENS
         self._script = script
         self._run = run
+        self.abandoned = False
 
     def __aiter__(self) -> AsyncIterator[TextDelta]:
         return self
@@ -87,6 +88,9 @@ class FakeCompletion:
     @property
     def finish_reason(self) -> FinishReason | None:
         return self._script.finish_reason if self._run.finished else None
+
+    def abandon(self) -> None:
+        self.abandoned = True
 
     @property
     def usage(self) -> Usage:
