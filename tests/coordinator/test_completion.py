@@ -20,7 +20,6 @@ from tests.coordinator.core_fakes import (
     MODEL,
     WAIT_S,
     MinerKey,
-    build_catalog,
     cancelled_ids,
     chunk,
     failure,
@@ -35,21 +34,6 @@ from tests.coordinator.core_fakes import (
 )
 
 Tamper = Callable[[miner_pb2.Receipt], None]
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return build_catalog(tmp_path_factory.mktemp("completion"))
-
-
-@pytest.fixture(scope="module")
-def entry(catalog: Catalog) -> CatalogEntry:
-    return catalog.get(MODEL)
-
-
-@pytest.fixture
-def key() -> MinerKey:
-    return MinerKey()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from tests.coordinator.core_fakes import (
     MODEL,
     WAIT_S,
     MinerKey,
-    build_catalog,
     busy,
     cancelled_ids,
     chunk,
@@ -37,16 +36,6 @@ from tests.coordinator.core_fakes import (
 CONFIG = DispatchConfig(
     max_attempts=3, first_token_timeout_s=0.15, token_timeout_s=0.15, retry_after_s=7
 )
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return build_catalog(tmp_path_factory.mktemp("dispatch"))
-
-
-@pytest.fixture(scope="module")
-def entry(catalog: Catalog) -> CatalogEntry:
-    return catalog.get(MODEL)
 
 
 @pytest.fixture

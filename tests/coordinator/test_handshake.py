@@ -27,16 +27,6 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
     return Catalog([tiny, dataclasses.replace(tiny, name="another-model")])
 
 
-@pytest.fixture(scope="module")
-def entry(catalog: Catalog) -> CatalogEntry:
-    return catalog.get(MODEL)
-
-
-@pytest.fixture
-def key() -> MinerKey:
-    return MinerKey()
-
-
 @pytest.fixture
 def hello(catalog: Catalog, key: MinerKey) -> miner_pb2.Hello:
     return make_hello(catalog.entries(), key=key, max_concurrency=4)

@@ -33,7 +33,6 @@ from tests.coordinator.core_fakes import (
     MODEL,
     WAIT_S,
     MinerKey,
-    build_catalog,
     make_session,
     outbox_messages,
     play_job,
@@ -237,11 +236,6 @@ class Market:
     async def play(self, text: str) -> asyncio.Task[object]:
         answer = [*text_ids(self.entry, text), stop_id(self.entry)]
         return asyncio.create_task(play_job(self.session, self.key, self.entry, answer))
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return build_catalog(tmp_path_factory.mktemp("limits"))
 
 
 async def make_market(pool: Pool, catalog: Catalog, limits: RateLimiter | None) -> Market:

@@ -36,7 +36,6 @@ from tests.coordinator.core_fakes import (
     MODEL,
     WAIT_S,
     MinerKey,
-    build_catalog,
     make_session,
     play_job,
     stop_id,
@@ -206,11 +205,6 @@ async def test_openapi_describes_every_route_of_the_app(
 
 
 # --- the service records into the metrics -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return build_catalog(tmp_path_factory.mktemp("observability"))
 
 
 async def test_a_completion_is_timed_and_its_tokens_billed(db_pool: Pool, catalog: Catalog) -> None:

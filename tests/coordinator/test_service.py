@@ -32,7 +32,6 @@ from tests.coordinator.core_fakes import (
     MODEL,
     WAIT_S,
     MinerKey,
-    build_catalog,
     busy,
     make_session,
     outbox_messages,
@@ -50,11 +49,6 @@ DISPATCH = DispatchConfig(
     max_attempts=2, first_token_timeout_s=WAIT_S, token_timeout_s=WAIT_S, retry_after_s=3
 )
 CREDIT = 1_000_000
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return build_catalog(tmp_path_factory.mktemp("service"))
 
 
 @dataclass

@@ -14,7 +14,6 @@ from tests.coordinator.core_fakes import (
     FINISH,
     MODEL,
     MinerKey,
-    build_catalog,
     cancelled_ids,
     chunk,
     failure,
@@ -27,21 +26,6 @@ from tests.coordinator.core_fakes import (
 )
 
 QUIET_S = 0.02  # how long a channel is watched to show that nothing arrived
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return build_catalog(tmp_path_factory.mktemp("session"))
-
-
-@pytest.fixture(scope="module")
-def entry(catalog: Catalog) -> CatalogEntry:
-    return catalog.get(MODEL)
-
-
-@pytest.fixture
-def key() -> MinerKey:
-    return MinerKey()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from tests.coordinator.core_fakes import (
     MODEL,
     WAIT_S,
     MinerKey,
-    build_catalog,
     cancelled_ids,
     chunk,
     make_job,
@@ -108,16 +107,6 @@ def test_empty_stop_strings_are_refused() -> None:
 
 
 # --- a completion cut at a stop string ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return build_catalog(tmp_path_factory.mktemp("stop"))
-
-
-@pytest.fixture
-def key() -> MinerKey:
-    return MinerKey()
 
 
 @pytest.fixture
