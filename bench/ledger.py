@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.common import load_average, percentile, positive_ints, unwind_on_signals
 from ledger.embedded import EmbeddedPostgres
 from ledger.interface import AccountKind, AccountRef
 from ledger.merkle import CompactRange, leaf_hash, root
@@ -95,17 +95,6 @@ class Run:
     @property
     def mean_batch(self) -> float:
         return self.ops / self.batches if self.batches else float("nan")
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def with_database(url: str, database: str) -> str:
@@ -343,16 +332,6 @@ def table(runs: Sequence[Run], mix: str) -> str:
     return "\n".join(lines)
 
 
-def _csv_ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,10,100, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
-    return values
-
-
 def _mixes(text: str) -> list[str]:
     mixes = [part.strip() for part in text.split(",") if part.strip()]
     if not mixes or any(mix not in MIXES for mix in mixes):
@@ -360,15 +339,11 @@ def _mixes(text: str) -> list[str]:
     return mixes
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=_csv_ints, default=[1, 10, 100, 1000], help="max_batch")
+    parser.add_argument("--sizes", type=positive_ints, default=[1, 10, 100, 1000], help="max_batch")
     parser.add_argument("--mixes", type=_mixes, default=list(MIXES), help="mint,hold+settle")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per run")
@@ -380,18 +355,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.duration <= 0 or args.warmup < 0 or args.callers_per_batch < 1:
         parser.error("--duration must be > 0, --warmup >= 0, --callers-per-batch >= 1")
-    # SIGTERM (and SIGINT, even where a background shell ignored it) unwind through the
-    # `finally` blocks, so the embedded server and the scratch databases never outlive the run.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"warning: load average {load_before:.2f}: the CPU is shared", file=sys.stderr)
+    unwind_on_signals()
+    load_before = load_average(warn=True)
     if args.database_url:
         settings, runs = asyncio.run(measure(args, args.database_url))
     else:
         settings, runs = asyncio.run(measure_embedded(args))
-    load = (load_before, os.getloadavg()[0])
+    load = (load_before, load_average())
     print()
     for mix in args.mixes:
         print(table(runs, mix))

@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.common import load_average, percentile, positive_ints, unwind_on_signals
+
 BIN = Path(sys.executable).parent
 MODEL_NAME = "bench-model"
 REQUEST_TIMEOUT_S = 120.0  # one request, either path
@@ -87,17 +89,6 @@ class Batch:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def workload(count: int) -> list[str]:
@@ -448,16 +439,6 @@ def _timings(sample: Sample | None) -> dict[str, float] | None:
     return {"ttft_s": sample.ttft_s, "e2e_s": sample.e2e_s, "tokens": sample.tokens}
 
 
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected e.g. 1,4, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
-    return levels
-
-
 def measure(
     args: argparse.Namespace, prompts: Sequence[str], work: Path
 ) -> tuple[dict[int, Batch], dict[int, Batch], list[str]]:
@@ -543,17 +524,15 @@ def report(
     return ok
 
 
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=48, help="measured requests per level")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request")
-    parser.add_argument("--concurrency", type=_levels, default=[1, 4], help="levels, e.g. 1,4")
+    parser.add_argument(
+        "--concurrency", type=positive_ints, default=[1, 4], help="levels, e.g. 1,4"
+    )
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured requests per level")
     parser.add_argument(
         "--model-dir", type=Path, help="a Hugging Face model directory (default: tiny test model)"
@@ -576,17 +555,12 @@ def main() -> int:
         # thread per core, a core taken by another process stalls every forward pass at
         # OpenMP's barrier (a 64-token completion of the tiny model goes from ~40 ms to ~1 s).
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.torch_threads)
-    # SIGTERM (and SIGINT, even where a background shell ignored it) unwind through the
-    # `finally` blocks, so the coordinator and the miners never outlive the benchmark.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"warning: load average {load_before:.2f}: the CPU is shared", file=sys.stderr)
+    unwind_on_signals()
+    load_before = load_average(warn=True)
     prompts = workload(args.requests)
     with tempfile.TemporaryDirectory(prefix="meshmint-bench-") as temp:
         direct, through, server_errors = measure(args, prompts, Path(temp))
-    load = (load_before, os.getloadavg()[0])
+    load = (load_before, load_average())
     ok = report(args, prompts, direct, through, server_errors, load)
     return 0 if ok else 1
 
