@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from ledger.interface import AccountKind, AccountRef
 from ledger.log_reader import LogReader
 
 
@@ -42,9 +43,9 @@ class PublishedLedger:
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             head = await conn.fetchrow("SELECT size FROM ledger_head")
             rows = await conn.fetch("SELECT kind, owner, balance FROM ledger_accounts")
+        # Labels are AccountRef's own spelling ("fee", "buyer:key_..."), as the auditor expects.
         balances = {
-            (f"{row['kind']}:{row['owner']}" if row["owner"] else row["kind"]): row["balance"]
-            for row in rows
+            str(AccountRef(AccountKind(row["kind"]), row["owner"])): row["balance"] for row in rows
         }
         return BalanceSnapshot(size=head["size"] if head else 0, balances=balances)
 
