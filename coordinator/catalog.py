@@ -11,6 +11,9 @@ or from a TOML file (:func:`load_catalog`, a price per model)::
     output_price_per_million = "0.30"        # credits per million completion tokens
     context_length = 32768                   # optional: at most the model's own
 
+    [models.verification]                    # optional: spot-check thresholds for this model
+    max_mean_abs_dlogprob = 0.02             # any field of verification.judge.Thresholds
+
 Amounts are integers in micro-units (1 credit = 1,000,000). :func:`request_cost` is the one
 billing formula.
 
@@ -21,6 +24,7 @@ names the file, the entry and the field. ``coordinator.errors.ModelNotFoundError
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from coordinator.errors import ModelNotFoundError
 from coordinator.tokenization import ModelTokenizer, TokenizerLoadError
+from coordinator.verification.judge import Thresholds
 from proto.weights_digest import NoWeightFilesError, weights_sha256
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ _ENTRY_KEYS = frozenset(
         "input_price_per_million",
         "output_price_per_million",
         "context_length",
+        "verification",
     }
 )
 
@@ -73,6 +79,9 @@ class CatalogEntry:
     output_price_per_mtok: int  # micro-units per million completion tokens
     tokenizer: ModelTokenizer  # the coordinator's own tokenizer for the model
     created: int  # unix time the entry was loaded
+    verification: Thresholds = dataclasses.field(
+        default_factory=Thresholds
+    )  # when a spot check fails
 
 
 def request_cost(entry: CatalogEntry, *, prompt_tokens: int, completion_tokens: int) -> int:
@@ -234,6 +243,7 @@ def _toml_entry(table: object, *, path: Path, index: int) -> CatalogEntry:
     context_length = table.get("context_length")
     if context_length is not None and (type(context_length) is not int or context_length < 1):
         raise fail("context_length", f"must be a positive integer, not {context_length!r}")
+    verification = _thresholds(table.get("verification", {}), fail)
     return _entry(
         name=name,
         model_dir=model_dir,
@@ -242,7 +252,29 @@ def _toml_entry(table: object, *, path: Path, index: int) -> CatalogEntry:
         output_price=prices[1],
         context_length=context_length,
         where=where,
+        verification=verification,
     )
+
+
+def _thresholds(table: object, fail: _Fail) -> Thresholds:
+    """Spot-check thresholds from a [models.verification] table; unset fields keep defaults."""
+    if not isinstance(table, dict):
+        raise fail("verification", "must be a table of threshold values")
+    known = {item.name: item for item in dataclasses.fields(Thresholds)}
+    values: dict[str, object] = {}
+    for key, value in table.items():
+        if key not in known:
+            raise fail(f"verification.{key}", f"unknown (known: {', '.join(sorted(known))})")
+        wanted = type(getattr(Thresholds(), key))
+        if wanted is float and type(value) is int:
+            value = float(value)
+        if type(value) is not wanted:
+            raise fail(f"verification.{key}", f"must be a {wanted.__name__}, not {value!r}")
+        values[key] = value
+    try:
+        return Thresholds(**values)  # type: ignore[arg-type]
+    except ValueError as error:
+        raise fail("verification", str(error)) from None
 
 
 def _hex_digest(value: object, fail: _Fail) -> bytes | None:
@@ -275,6 +307,7 @@ def _entry(
     output_price: int,
     context_length: int | None,
     where: str,
+    verification: Thresholds | None = None,
 ) -> CatalogEntry:
     """Loads the tokenizer (and hashes the weights when no digest is given) for one entry."""
     try:
@@ -306,4 +339,5 @@ def _entry(
         output_price_per_mtok=output_price,
         tokenizer=tokenizer,
         created=int(time.time()),
+        verification=verification or Thresholds(),
     )

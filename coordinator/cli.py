@@ -1,4 +1,4 @@
-"""`meshmint-coordinator`: run the coordinator and administer keys and credits.
+"""`meshmint-coordinator`: run the coordinator, administer keys and credits, read spot checks.
 
 Environment variables are read here and nowhere else:
 MESHMINT_DATA_DIR (default ~/.meshmint/coordinator) and MESHMINT_DATABASE_URL.
@@ -24,6 +24,8 @@ from coordinator.keys import KeyStore
 from coordinator.limits import LimitsConfig
 from coordinator.server import run_coordinator
 from coordinator.service import BillingConfig
+from coordinator.verification.policy import VerificationConfig
+from coordinator.verification.report import checks_report
 from ledger.checkpointer import SequencerFencedError, SigningKeyChangedError
 from ledger.database import connect
 from ledger.interface import AccountKind, AccountRef, LedgerError
@@ -134,6 +136,29 @@ def _parser() -> argparse.ArgumentParser:
         help="heartbeat period; a miner silent for 3 periods is evicted (default 1)",
     )
 
+    serve.add_argument(
+        "--spot-check-floor",
+        type=float,
+        default=VerificationConfig.floor,
+        metavar="RATE",
+        help="lowest share of a trusted miner's jobs that is re-scored (default %(default)s)",
+    )
+    serve.add_argument(
+        "--verification-window",
+        type=float,
+        default=VerificationConfig.window_s / 3600,
+        metavar="HOURS",
+        help="credits mature after this; a confirmed cheat loses the rest (default %(default)g)",
+    )
+    serve.add_argument(
+        "--no-spot-checks", action="store_true", help="never re-score miners' work (testing only)"
+    )
+
+    checks = commands.add_parser("checks", help="spot-check results per miner identity")
+    storage(checks)
+    checks.add_argument("--miner", metavar="ID", help="also list this identity's recent checks")
+    checks.add_argument("--recent", type=int, default=20, metavar="N", help="checks to list")
+
     keys = commands.add_parser("keys", help="manage buyers' API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create an API key and print it")
@@ -226,6 +251,12 @@ async def _add_credits(args: argparse.Namespace, keys: KeyStore, ledger: Postgre
     return f"{args.key_id}: balance {format_credits(await ledger.balance(account))} credits"
 
 
+async def _checks(args: argparse.Namespace) -> None:
+    data_dir, database_url = _storage(args)
+    async with connect(database_url=database_url, data_dir=data_dir, max_size=2) as pool:
+        sys.stdout.write(await checks_report(pool, miner_id=args.miner, recent=args.recent))
+
+
 def _config(args: argparse.Namespace) -> CoordinatorConfig:
     data_dir, database_url = _storage(args)
     if not 0 <= args.fee_bps <= 10_000:
@@ -234,6 +265,10 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         raise UsageError("--rpm and --tpm must be 0 (unlimited) or more")
     if not args.heartbeat_interval > 0:
         raise UsageError("--heartbeat-interval must be positive")
+    if not 0 < args.spot_check_floor <= 1:
+        raise UsageError("--spot-check-floor must be in (0, 1]")
+    if not args.verification_window > 0:
+        raise UsageError("--verification-window must be positive")
     return CoordinatorConfig(
         catalog=CatalogSource(
             model_specs=tuple(args.model or ()),
@@ -254,6 +289,11 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         ledger_key_path=args.ledger_key,
         ledger_origin=args.ledger_origin,
         rotate_ledger_key=args.rotate_ledger_key,
+        verification=VerificationConfig(
+            enabled=not args.no_spot_checks,
+            floor=args.spot_check_floor,
+            window_s=args.verification_window * 3600,
+        ),
     )
 
 
@@ -267,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             asyncio.run(_serve(_config(args)))
+        elif args.command == "checks":
+            asyncio.run(_checks(args))
         else:
             action = {
                 ("keys", "create"): _create_key,

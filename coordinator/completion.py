@@ -50,6 +50,7 @@ class VerifiedResult:
     receipt_sha256: bytes  # hash of the signed receipt bytes and signature; the ledger reference
     receipt: miner_pb2.Receipt  # the miner's receipt
     signature: bytes  # the miner's Ed25519 signature over receipt_message(receipt)
+    miner_finish_reason: miner_pb2.FinishReason.ValueType  # as the miner reported it
 
 
 class MinerMisbehaved(UpstreamError):
@@ -77,6 +78,7 @@ class RunningCompletion:
         self.run = run
         self.delivered_ids: list[int] = []
         self.received_ids: list[int] = []  # every token the miner streamed, delivered or not
+        self.received_logprobs: list[float] = []  # the miner's claimed logprob of each of them
         self.stopped = False  # a stop string ended the output
         self.verified: VerifiedResult | None = None
         self.misbehaved = False
@@ -135,6 +137,7 @@ class RunningCompletion:
                 async for chunk in chunks:
                     ids = list(chunk.token_ids)
                     self.received_ids.extend(ids)
+                    self.received_logprobs.extend(chunk.logprobs)
                     # Token by token, so a stop string is billed up to the token that completed it.
                     text = ""
                     for count, token_id in enumerate(ids, 1):
@@ -175,6 +178,7 @@ class RunningCompletion:
             async with asyncio.timeout(STOP_RESULT_WAIT_S):
                 async for chunk in chunks:
                     self.received_ids.extend(chunk.token_ids)
+                    self.received_logprobs.extend(chunk.logprobs)
         except (TimeoutError, UpstreamError) as error:
             logger.info(
                 "job %s: no result after the stop string (%s); billing delivered tokens",
@@ -245,4 +249,5 @@ class RunningCompletion:
             receipt_sha256=receipt_hash,
             receipt=receipt,
             signature=result.signature,
+            miner_finish_reason=result.finish_reason,
         )

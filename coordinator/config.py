@@ -9,6 +9,7 @@ from coordinator.dispatch import DispatchConfig
 from coordinator.gateway.servicer import GatewayConfig
 from coordinator.limits import LimitsConfig
 from coordinator.service import BillingConfig
+from coordinator.verification.policy import VerificationConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class CoordinatorConfig:
     dispatch: DispatchConfig = field(default_factory=DispatchConfig)  # failover and timeouts
     billing: BillingConfig = field(default_factory=BillingConfig)  # the operator's fee
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # requests/tokens per minute per key
+    verification: VerificationConfig = field(default_factory=VerificationConfig)  # spot checks
     max_body_bytes: int = 4 * 1024 * 1024  # largest HTTP request body accepted
     ledger_key_path: Path | None = None  # Ed25519 checkpoint signing key; None: data_dir/ledger.key
     ledger_origin: str = "meshmint.local/ledger"  # the log's name in every checkpoint; never change

@@ -15,7 +15,12 @@ Metrics (all prefixed ``meshmint_``):
 - ``miners_connected{model}`` — computed at scrape time from the live sessions;
 - ``queue_depth`` — requests waiting for a miner; always 0 today: a request with no free miner
   is refused with 503 at once, nothing queues;
-- ``spot_checks_total`` and ``spot_checks_failed_total`` — 0 until spot checks exist.
+- ``spot_checks_total{miner,outcome}`` — spot checks of each miner's jobs (miner: the first 16
+  hex digits of its key) by outcome: ``run``, ``passed``, ``failed`` (a scorer failed it),
+  ``confirmed`` (two scorers failed it: slashed), ``disputed`` (scorers disagreed and no third
+  one settled it), ``skipped`` (no other miner could score it);
+- ``spot_checks_failed_total`` — failed checks of all miners, for a simple alert;
+- ``scorer_contradictions_total{scorer}`` — scorers outvoted by two others (slashed like cheats).
 
 Recording costs one clock read and one histogram observation per delta.
 """
@@ -105,12 +110,19 @@ class CoordinatorMetrics:
         )
         self.spot_checks = Counter(
             "meshmint_spot_checks",
-            "Spot checks of miners' work run (none yet: spot checks do not exist)",
+            "Spot checks of miners' work by miner and outcome",
+            ["miner", "outcome"],
             registry=self.registry,
         )
         self.spot_checks_failed = Counter(
             "meshmint_spot_checks_failed",
-            "Spot checks of miners' work that failed",
+            "Spot checks of miners' work that a scorer failed",
+            registry=self.registry,
+        )
+        self.scorer_contradictions = Counter(
+            "meshmint_scorer_contradictions",
+            "Scorers outvoted by two other scorers",
+            ["scorer"],
             registry=self.registry,
         )
         if miner_counts is not None:
@@ -123,6 +135,15 @@ class CoordinatorMetrics:
     def request(self, model: str) -> RequestTimer:
         """Starts timing one completion request now."""
         return RequestTimer(self, model)
+
+    def spot_check(self, miner_id: str, outcome: str) -> None:
+        """Counts one spot-check outcome for a miner (see the module docstring)."""
+        self.spot_checks.labels(miner_id[:16], outcome).inc()
+        if outcome == "failed":
+            self.spot_checks_failed.inc()
+
+    def scorer_contradicted(self, scorer_id: str) -> None:
+        self.scorer_contradictions.labels(scorer_id[:16]).inc()
 
     def http_response(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(endpoint, f"{status // 100}xx").inc()

@@ -27,6 +27,10 @@ class MinerRegistry:
         if self._sessions.get(session.miner_id) is session:
             del self._sessions[session.miner_id]
 
+    def get(self, miner_id: str) -> MinerSession | None:
+        """The identity's live session, if it is connected."""
+        return self._sessions.get(miner_id)
+
     def sessions(self) -> list[MinerSession]:
         return list(self._sessions.values())
 

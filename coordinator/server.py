@@ -26,6 +26,10 @@ from coordinator.receipts import LedgerReceipts
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router
 from coordinator.service import MarketplaceService, miner_account
+from coordinator.verification.checker import SpotChecker
+from coordinator.verification.penalties import Penalties
+from coordinator.verification.scoring import Scoring
+from coordinator.verification.trust import TrustStore
 from ledger.checkpoint import CheckpointSigner
 from ledger.checkpointer import Checkpointer, CheckpointerConfig
 from ledger.database import connect
@@ -49,6 +53,8 @@ class RunningCoordinator:
     keys: KeyStore  # API keys
     registry: MinerRegistry  # connected miners
     service: MarketplaceService  # what the HTTP layer calls
+    checker: SpotChecker  # spot checks of finished jobs
+    trust: TrustStore  # what spot checks found, per identity
 
 
 def build_catalog(source: CatalogSource) -> Catalog:
@@ -80,6 +86,26 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             miner_counts=lambda: {name: len(registry.serving(name)) for name in catalog.names()}
         )
         dispatcher = Dispatcher(config.dispatch, registry=registry, router=Router())
+        trust = await TrustStore.create(pool)
+        checker = SpotChecker(
+            config.verification,
+            catalog=catalog,
+            trust=trust,
+            scoring=Scoring(
+                registry=registry,
+                is_banned=trust.is_banned,
+                timeout_s=config.verification.score_timeout_s,
+            ),
+            penalties=Penalties(
+                config.verification,
+                catalog=catalog,
+                ledger=ledger,
+                trust=trust,
+                registry=registry,
+                metrics=metrics,
+            ),
+            metrics=metrics,
+        )
         receipts = LedgerReceipts(
             pool, registry=registry, origin=config.ledger_origin, verifier_key=signer.verifier_key
         )
@@ -94,6 +120,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             on_credit=receipts.credited,
             metrics=metrics,
             limits=RateLimiter(config.limits),
+            on_finished=checker.submit,
         )
 
         async def open_miner_account(session: MinerSession) -> None:
@@ -105,6 +132,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             registry=registry,
             on_welcome=open_miner_account,
             receipts=receipts,
+            is_banned=trust.is_banned,
         )
         grpc_server = grpc.aio.server(
             options=[
@@ -138,7 +166,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             site = web.TCPSite(runner, config.http_host, config.http_port)
             await site.start()
             http_port = int(runner.addresses[0][1])
-            async with checkpoints, receipts.running():
+            async with checkpoints, receipts.running(), checker.running():
                 # Fenced now: no other coordinator runs, so open holds belong to dead requests.
                 orphaned = await ledger.release_open_holds()
                 if orphaned:
@@ -160,6 +188,8 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
                     keys=keys,
                     registry=registry,
                     service=service,
+                    checker=checker,
+                    trust=trust,
                 )
         finally:
             logger.info("coordinator shutting down")

@@ -40,6 +40,7 @@ from coordinator.metrics import CoordinatorMetrics, RequestTimer
 from coordinator.receipts import CreditedJob
 from coordinator.registry import MinerRegistry
 from coordinator.tokenization import ChatTemplateError
+from coordinator.verification.scoring import FinishedJob
 from ledger.interface import AccountKind, AccountRef, Hold, InsufficientFundsError, Ledger
 from ledger.money import format_credits
 from proto import miner_pb2
@@ -104,8 +105,10 @@ class MarketplaceService:
         on_credit: Callable[[CreditedJob], None] | None = None,
         metrics: CoordinatorMetrics | None = None,
         limits: RateLimiter | None = None,
+        on_finished: Callable[[FinishedJob], None] | None = None,
     ) -> None:
         """``on_credit`` hears of every settlement that credited a miner, once it committed.
+        ``on_finished`` hears of every settled job with a verified receipt (the spot checker).
 
         ``metrics`` receives latencies and billed tokens; without it they go to a private set.
         ``limits`` enforces requests and tokens per minute per key; None: no rate limits.
@@ -121,6 +124,7 @@ class MarketplaceService:
         self._on_credit = on_credit
         self._metrics = metrics if metrics is not None else CoordinatorMetrics()
         self._limits = limits
+        self._on_finished = on_finished
         self._spend = SpendGuard(keys=keys, job_log=job_log)
 
     async def authenticate(self, api_key: str) -> Buyer:
@@ -327,6 +331,23 @@ class MarketplaceService:
                 if self._on_credit is not None and settlement.miner_credit > 0:
                     self._on_credit(
                         CreditedJob(completion.run.job.job_id, miner_id, settlement.hold_id)
+                    )
+                verified = completion.verified
+                if self._on_finished is not None and verified is not None:
+                    session = completion.run.session
+                    self._on_finished(
+                        FinishedJob(
+                            job=completion.run.job,
+                            miner_id=miner_id,
+                            device_name=session.hello.hardware.device_name,
+                            buyer=hold.buyer,
+                            token_ids=tuple(completion.received_ids),
+                            logprobs=tuple(completion.received_logprobs),
+                            finish_reason=verified.miner_finish_reason,
+                            output_sha256=verified.receipt.output_sha256,
+                            miner_credit=settlement.miner_credit,
+                            fee=settlement.fee,
+                        )
                     )
             if completion is not None:
                 await self._job_log.record(JobRecord.of(buyer, completion, cost=cost))

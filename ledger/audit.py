@@ -22,15 +22,16 @@ integer per account and per open hold):
   published for (``balance.mismatch``, ``balance.unpublished``, ``balance.extra``,
   ``balance.beyond_log``); the published ones sum to zero (``conservation.sum``); no account but
   issuance ever goes negative (``conservation.negative``);
-- every entry moves value between the accounts its kind allows (``entry.accounts``); issuance moves
+- every entry moves value between the accounts its kind allows (``entry.accounts``): SLASH
+  miner -> issuance, REFUND fee or miner -> buyer, REWARD fee -> miner, and so on; issuance moves
   only by mints out and slashes back in (``issuance.illegal_move``, ``mint.source``);
 - holds: opened once with a fresh id (``hold.duplicate``, ``hold.no_id``), closed by one group of
   SETTLE, FEE, RELEASE entries (in that order, zero legs omitted) that references an open hold
   (``hold.unknown``) and returns the rest to the buyer who paid it (``hold.wrong_buyer``), whose
   charge fits the hold (``hold.overspent``) and whose legs add up to it (``hold.amounts``); no
-  entry references the hold afterwards (``hold.double_close``); entries of other kinds carry no
-  hold id (``entry.hold_id``); at the end the escrow balance equals the open holds
-  (``escrow.mismatch``).
+  entry references the hold afterwards (``hold.double_close``); entries of other kinds (MINT,
+  SLASH, REFUND, REWARD) carry no hold id (``entry.hold_id``); at the end the escrow balance
+  equals the open holds (``escrow.mismatch``).
 
 Account keys are ``AccountRef``'s spelling: ``issuance``, ``escrow``, ``fee`` for the system
 accounts and ``buyer:<owner>`` / ``miner:<owner>`` for the others.
@@ -66,7 +67,7 @@ _ACCOUNT_HEAD = struct.Struct(">BH")
 _MIDDLE = struct.Struct(">QQ")
 _LENGTH = struct.Struct(">H")
 _HEAD_SIZE = 18  # version .. timestamp_us: where the debit account starts
-_KINDS = range(1, 8)  # EntryKind codes
+_KINDS = frozenset(int(kind) for kind in EntryKind)  # every code a version-1 entry may carry
 _ACCOUNT_CODES = range(1, 6)  # AccountCode codes
 _ISSUANCE = 1
 
@@ -130,6 +131,7 @@ _SHAPES: dict[int, tuple[set[int], set[int]]] = {
     _K.RELEASE: ({_A.ESCROW}, {_A.BUYER}),
     _K.SLASH: ({_A.MINER}, {_A.ISSUANCE}),
     _K.REFUND: ({_A.FEE, _A.MINER}, {_A.BUYER}),
+    _K.REWARD: ({_A.FEE}, {_A.MINER}),
 }
 # The same as one integer per allowed (kind, debit, credit): a single set lookup per entry.
 _ALLOWED = frozenset(k << 6 | d << 3 | c for k, (ds, cs) in _SHAPES.items() for d in ds for c in cs)

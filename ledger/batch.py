@@ -90,8 +90,25 @@ class CloseHold:
     reference: bytes | None  # the receipt hash; None keeps the hold's own reference
 
 
-Operation = OpenAccount | Mint | PlaceHold | CloseHold
-Outcome = None | Hold | Settlement | BaseException
+@dataclass(frozen=True)
+class Transfer:
+    """Moves up to ``amount`` from ``debit`` to ``credit``, outside any hold.
+
+    The amount moved is capped at the debit account's balance as read under the log lock, so
+    racing transfers never push it below zero; the outcome is the amount moved, and 0 writes no
+    entry. Callers (PostgresLedger) check that the accounts suit ``kind`` and fit the memo.
+    """
+
+    kind: EntryKind  # SLASH, REFUND or REWARD
+    debit: AccountRef  # pays: a miner or the fee account
+    credit: AccountRef  # receives: issuance, a buyer or a miner
+    amount: int  # the most to move, micro-units, >= 0
+    reference: bytes  # ties the entry to its cause (e.g. the failed job's receipt hash)
+    memo: str  # why, for humans reading the log
+
+
+Operation = OpenAccount | Mint | PlaceHold | CloseHold | Transfer
+Outcome = None | Hold | Settlement | int | BaseException
 
 
 @dataclass
@@ -248,7 +265,19 @@ def _apply_one(batch: _Batch, op: Operation, hold_ids: list[int]) -> Outcome:
             EntryKind.HOLD, op.buyer, ESCROW, op.amount, hold_id=hold_id, reference=op.reference
         )
         return Hold(hold_id=hold_id, buyer=op.buyer, amount=op.amount)
+    if isinstance(op, Transfer):
+        return _transfer(batch, op)
     return _close(batch, op)
+
+
+def _transfer(batch: _Batch, op: Transfer) -> int:
+    _require(batch, op.debit, op.credit)
+    moved = min(op.amount, max(batch.accounts[op.debit].balance, 0))
+    if moved == 0:
+        return 0
+    _check_room(batch, [(op.debit, op.credit, moved)])
+    batch.append(op.kind, op.debit, op.credit, moved, reference=op.reference, memo=op.memo)
+    return moved
 
 
 def _close(batch: _Batch, op: CloseHold) -> Settlement:
@@ -323,6 +352,8 @@ async def apply_batch(conn: Connection, ops: Sequence[Operation]) -> list[Outcom
             hold_wanted.add(op.hold.hold_id)
             if op.miner is not None:
                 wanted.add(op.miner)
+        elif isinstance(op, Transfer):
+            wanted.update((op.debit, op.credit))
     await _load_accounts(batch, wanted)
     if hold_wanted:
         await _load_holds(batch, hold_wanted)

@@ -50,7 +50,8 @@ class EntryKind(IntEnum):
     FEE = 4  # escrow -> fee: the operator's share of a charge
     RELEASE = 5  # escrow -> buyer: the unspent rest of a hold
     SLASH = 6  # miner -> issuance: credits taken from a cheating miner
-    REFUND = 7  # account -> buyer: a charge given back
+    REFUND = 7  # fee or miner -> buyer: a charge given back
+    REWARD = 8  # fee -> miner: pay for verification (scoring) work
 
 
 class AccountCode(IntEnum):

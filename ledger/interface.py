@@ -6,6 +6,12 @@ only the issuance account may go negative, and only through mints.
 
 A buyer's request first *holds* its maximum cost (buyer -> escrow), then *settles* exactly once:
 escrow -> miner (its share), escrow -> fee (the operator's), escrow -> buyer (the rest).
+
+Spot checks move money outside holds: a confirmed cheat is *slashed* (miner -> issuance), the
+buyer of a failed job *refunded* (miner or fee -> buyer), and scorers *rewarded* for their work
+(fee -> miner). These move at most what the paying account holds, never driving it below zero,
+and return the amount actually moved. A miner's credits *mature* once they are older than the
+verification window; until then they are what a slash can take (``unmatured``).
 """
 
 from __future__ import annotations
@@ -131,6 +137,43 @@ class Ledger(Protocol):
 
     async def release(self, hold: Hold) -> Settlement:
         """Closes ``hold`` returning everything to the buyer (nothing was delivered)."""
+        ...
+
+    async def slash(self, miner: AccountRef, amount: int, *, reference: bytes, memo: str) -> int:
+        """Moves up to ``amount`` from ``miner`` to issuance (SLASH); returns what was moved.
+
+        Capped at the miner's balance, also when many slashes race; 0 moves nothing and writes no
+        entry. ``reference`` is 32 bytes (others are hashed to fit), e.g. the failed job's receipt
+        hash; ``memo`` says why and is cut to MAX_MEMO_BYTES of UTF-8 if longer. Raises
+        InvalidAmountError for a negative amount, UnknownAccountError for an account never
+        opened, ValueError for an account that is not a miner.
+        """
+        ...
+
+    async def refund(
+        self, buyer: AccountRef, amount: int, *, source: AccountRef, reference: bytes, memo: str
+    ) -> int:
+        """Moves up to ``amount`` from ``source`` (a miner, or the fee account) to ``buyer``
+        (REFUND); returns what was moved. Capped at ``source``'s balance; otherwise as ``slash``.
+        """
+        ...
+
+    async def reward(self, miner: AccountRef, amount: int, *, reference: bytes, memo: str) -> int:
+        """Pays ``miner`` up to ``amount`` from the fee account (REWARD); returns what was moved.
+
+        Capped at the fee account's balance; otherwise as ``slash``.
+        """
+        ...
+
+    async def unmatured(self, miner: AccountRef, *, window_s: float) -> int:
+        """Credits that have not matured yet: SETTLE and REWARD credits to ``miner`` whose entries
+        are younger than ``window_s`` seconds, minus SLASH and REFUND debits from ``miner`` in
+        that window, clamped to [0, balance]. 0 for an unknown account.
+
+        Ages are measured on the database's clock, from the start of the transaction that wrote
+        each entry. Raises ValueError for a ``window_s`` that is negative, NaN or above 1e9 (about
+        31 years), or for an account that is not a miner.
+        """
         ...
 
     async def balance(self, account: AccountRef) -> int:

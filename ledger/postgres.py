@@ -28,10 +28,14 @@ from ledger.batch import (
     Operation,
     Outcome,
     PlaceHold,
+    Transfer,
     apply_batch,
+    reference_of,
 )
-from ledger.entry import MAX_AMOUNT, EntryKind
+from ledger.entry import MAX_AMOUNT, MAX_MEMO_BYTES, EntryKind
 from ledger.interface import (
+    FEE,
+    ISSUANCE,
     AccountBalance,
     AccountKind,
     AccountRef,
@@ -43,6 +47,10 @@ from ledger.interface import (
 
 logger = logging.getLogger(__name__)
 
+# The longest verification window unmatured() accepts: older than this, a credit has matured
+# whatever the window (and PostgreSQL intervals have a range), about 31 years.
+_MAX_WINDOW_S = 1e9
+
 # pg_advisory_xact_lock key serialising schema creation: concurrent CREATE ... IF NOT EXISTS
 # statements can still collide in the catalog. The bytes spell "mmledger".
 _SCHEMA_LOCK_KEY = 0x6D6D6C6564676572
@@ -51,6 +59,22 @@ if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
     _Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+
+
+# PostgresLedger.unmatured: $1, $2 name the miner, $3 is the window in seconds. The kinds match
+# the partial indexes' predicates (schema.sql) so that both sums are index scans.
+UNMATURED_SQL = (
+    "SELECT least(greatest(coalesce(("
+    "   SELECT sum(e.amount) FROM ledger_entries AS e WHERE e.credit = a.id"
+    "   AND e.kind IN ('settle', 'reward') AND e.created_at > w.since), 0)"
+    " - coalesce(("
+    "   SELECT sum(e.amount) FROM ledger_entries AS e WHERE e.debit = a.id"
+    "   AND e.kind IN ('slash', 'refund') AND e.created_at > w.since), 0),"
+    " 0), a.balance)::bigint"
+    " FROM ledger_accounts AS a,"
+    " (SELECT now() - make_interval(secs => $3::float8) AS since) AS w"
+    " WHERE a.kind = $1 AND a.owner = $2"
+)
 
 
 @dataclass(frozen=True)
@@ -62,9 +86,9 @@ class Entry:
     debit: AccountRef  # the account that pays
     credit: AccountRef  # the account that receives
     amount: int  # micro-units, > 0
-    hold_id: int | None  # the hold this entry opens or closes; None for mints
+    hold_id: int | None  # the hold this entry opens or closes; None outside holds (mint, slash..)
     reference: bytes | None  # request hash for holds and releases, receipt hash for settlements
-    memo: str  # free text, set by mints
+    memo: str  # free text, set by mints, slashes, refunds and rewards
     created_at: datetime  # when the transaction that wrote it started
     leaf: bytes  # the canonical bytes hashed into the Merkle log (ledger/entry.py)
 
@@ -149,6 +173,56 @@ class PostgresLedger:
             *(self.release(Hold(r["id"], _ref(r["kind"], r["owner"]), r["amount"])) for r in rows)
         )
         return len(rows)
+
+    async def slash(self, miner: AccountRef, amount: int, *, reference: bytes, memo: str) -> int:
+        _check_account(miner, kinds=(AccountKind.MINER,), role="slash")
+        moved = await self._transfer(EntryKind.SLASH, miner, ISSUANCE, amount, reference, memo)
+        if moved:
+            logger.info("slashed %d of %d micro-units from %s", moved, amount, miner)
+        return moved
+
+    async def refund(
+        self, buyer: AccountRef, amount: int, *, source: AccountRef, reference: bytes, memo: str
+    ) -> int:
+        _check_account(buyer, kinds=(AccountKind.BUYER,), role="refund to")
+        _check_account(source, kinds=(AccountKind.MINER, AccountKind.FEE), role="refund from")
+        return await self._transfer(EntryKind.REFUND, source, buyer, amount, reference, memo)
+
+    async def reward(self, miner: AccountRef, amount: int, *, reference: bytes, memo: str) -> int:
+        _check_account(miner, kinds=(AccountKind.MINER,), role="reward")
+        return await self._transfer(EntryKind.REWARD, FEE, miner, amount, reference, memo)
+
+    async def _transfer(
+        self,
+        kind: EntryKind,
+        debit: AccountRef,
+        credit: AccountRef,
+        amount: int,
+        reference: bytes,
+        memo: str,
+    ) -> int:
+        _check_amount(f"{kind.name.lower()} amount", amount, positive=False)
+        if amount == 0:
+            return 0
+        # The column holds what the leaf holds: exactly 32 bytes.
+        op = Transfer(kind, debit, credit, amount, reference_of(reference), fit_memo(memo))
+        outcome = await self._submit(op)
+        assert isinstance(outcome, int)
+        return outcome
+
+    async def unmatured(self, miner: AccountRef, *, window_s: float) -> int:
+        _check_account(miner, kinds=(AccountKind.MINER,), role="look up unmatured credits of")
+        if not 0 <= window_s <= _MAX_WINDOW_S:  # also refuses NaN
+            raise ValueError(f"window_s must be in [0, {_MAX_WINDOW_S:g}], not {window_s!r}")
+        # One statement, so the balance and the sums come from one snapshot; the window is
+        # measured on the database's clock, the one that stamped created_at.
+        value: int | None = await self._pool.fetchval(
+            UNMATURED_SQL,
+            str(miner.kind),
+            miner.owner,
+            float(window_s),
+        )
+        return value or 0
 
     async def balance(self, account: AccountRef) -> int:
         balance: int | None = await self._pool.fetchval(
@@ -235,6 +309,19 @@ class PostgresLedger:
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)
+
+
+def fit_memo(memo: str) -> str:
+    """``memo`` cut to MAX_MEMO_BYTES of UTF-8 on a character boundary.
+
+    Truncated rather than refused: a slash or a refund must not fail because its reason (which
+    may quote a miner's error text) is long, and an entry that cannot be encoded would fail its
+    whole batch.
+    """
+    data = memo.encode("utf-8")
+    if len(data) <= MAX_MEMO_BYTES:
+        return memo
+    return data[:MAX_MEMO_BYTES].decode("utf-8", errors="ignore")
 
 
 def _ref(kind: str, owner: str) -> AccountRef:

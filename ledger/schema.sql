@@ -58,10 +58,29 @@ CREATE TABLE IF NOT EXISTS ledger_entries (
     -- the canonical bytes exactly as hashed (ledger/entry.py); the columns above are an index
     leaf bytea NOT NULL,
     leaf_hash bytea NOT NULL CHECK (length(leaf_hash) = 32),
-    CONSTRAINT ledger_entries_kind_known
-        CHECK (kind IN ('mint', 'hold', 'settle', 'fee', 'release', 'slash', 'refund')),
+    -- ledger_entries_kind_known (the kinds allowed) is added by the DO block below, so that a
+    -- database created before a kind existed gets it too
     CONSTRAINT ledger_entries_two_sides CHECK (debit <> credit)
 );
+
+-- The entry kinds of ledger/entry.py's EntryKind. When a kind is added: list it here and make it
+-- the marker below. The constraint is replaced only when it lacks the marker, because replacing
+-- it re-checks every entry under an exclusive lock, which must not happen on every start.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_constraint
+        WHERE conrelid = 'ledger_entries'::regclass
+            AND conname = 'ledger_entries_kind_known'
+            AND pg_get_constraintdef(oid) LIKE '%''reward''%'
+    ) THEN
+        ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS ledger_entries_kind_known;
+        ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_kind_known CHECK (kind IN (
+            'mint', 'hold', 'settle', 'fee', 'release', 'slash', 'refund', 'reward'
+        ));
+    END IF;
+END
+$$;
 
 -- Every perfect subtree of the Merkle tree above the leaves, so that any inclusion or
 -- consistency proof is a handful of lookups (level 0 is ledger_entries.leaf_hash).
@@ -100,6 +119,12 @@ CREATE TABLE IF NOT EXISTS ledger_checkpoints (
 );
 
 CREATE INDEX IF NOT EXISTS ledger_entries_hold_id_idx ON ledger_entries (hold_id);
+-- For unmatured credits (PostgresLedger.unmatured): a miner's recent credits and the slashes and
+-- refunds taken from it. Partial, so holds, fees and releases cost these indexes nothing.
+CREATE INDEX IF NOT EXISTS ledger_entries_credited_idx ON ledger_entries (credit, created_at)
+    WHERE kind IN ('settle', 'reward');
+CREATE INDEX IF NOT EXISTS ledger_entries_taken_idx ON ledger_entries (debit, created_at)
+    WHERE kind IN ('slash', 'refund');
 CREATE INDEX IF NOT EXISTS ledger_holds_open_idx ON ledger_holds (created_at) WHERE status = 'open';
 
 INSERT INTO ledger_accounts (kind, owner)

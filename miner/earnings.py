@@ -4,9 +4,12 @@ Each stored receipt (``miner/witness_store.py``) is checked from scratch: the ch
 signature with the key stored beside it, the origin, the entry crediting this miner, and the
 inclusion proof against the checkpoint's root. Nothing is fetched from the coordinator.
 
+Slash notices the miner received (``miner/slashes.py``) are listed after the credits and
+subtracted from the total. They are the coordinator's word, not proofs: nothing verifies them.
+
 Every credit is shown as pending. Credits mature after a verification window in which a spot
-check of the job can still slash them; meshmint does not run spot checks yet, so nothing has
-matured.
+check of the job can still slash them; this report does not track maturity, so nothing is
+shown as matured.
 """
 
 from __future__ import annotations
@@ -18,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from ledger.money import format_credits
+from miner.slashes import SLASHES_FILE, SlashRecord, read_slashes
 from miner.witness import WitnessError, verify_record
 from miner.witness_store import PinnedCheckpoint, WitnessStore
 
 logger = logging.getLogger(__name__)
 
 PENDING_NOTE = (
-    "All credits are pending: credits mature after a verification window in which spot checks "
-    "can still slash them, and spot checks do not run yet, so nothing has matured."
+    "All credits are shown as pending: credits mature after a verification window in which "
+    "spot checks can still slash them, and this report does not track maturity."
 )
 
 
@@ -55,11 +59,28 @@ class Earnings:
     trusted_keys: tuple[str, ...]  # the ledger verifier keys this miner trusts
     state_problem: str | None  # why the pinned checkpoint could not be read, if it could not
     alarms: int  # failed proofs recorded in alarms.jsonl
+    slashes: tuple[SlashRecord, ...] = ()  # slash notices received, in the order stored
+    slash_problems: tuple[str, ...] = ()  # lines of slashes.jsonl that could not be read
 
     @property
     def total(self) -> int:
         """Micro-units credited by receipts that verify."""
         return sum(receipt.amount for receipt in self.receipts if receipt.verified)
+
+    @property
+    def slashed(self) -> int:
+        """Micro-units taken back by slash notices."""
+        return sum(slash.amount for slash in self.slashes)
+
+    @property
+    def net(self) -> int:
+        """Verified credits less slashes (negative when slashes exceed the stored credits)."""
+        return self.total - self.slashed
+
+    @property
+    def banned(self) -> bool:
+        """Whether a slash notice said the coordinator refuses this key from now on."""
+        return any(slash.banned for slash in self.slashes)
 
     @property
     def jobs(self) -> int:
@@ -98,6 +119,13 @@ def read_earnings(directory: Path, *, miner_id: str) -> Earnings:
         checked.append(
             CheckedReceipt(record.job_id, record.index, amount, record.tree_size, problem)
         )
+    slashes: list[SlashRecord] = []
+    slash_problems: list[str] = []
+    for slash in read_slashes(store.directory):
+        if isinstance(slash, str):
+            slash_problems.append(slash)
+        else:
+            slashes.append(slash)
     return Earnings(
         miner_id=miner_id,
         directory=store.directory,
@@ -106,6 +134,8 @@ def read_earnings(directory: Path, *, miner_id: str) -> Earnings:
         trusted_keys=store.trusted_keys,
         state_problem=state_problem,
         alarms=store.alarm_count(),
+        slashes=tuple(slashes),
+        slash_problems=tuple(slash_problems),
     )
 
 
@@ -115,7 +145,9 @@ def as_json(earnings: Earnings) -> str:
         "miner_id": earnings.miner_id,
         "directory": str(earnings.directory),
         "total_credited": earnings.total,
-        "pending": earnings.total,
+        "slashed": earnings.slashed,
+        "net": earnings.net,
+        "pending": earnings.net,
         "matured": 0,
         "jobs": earnings.jobs,
         "verified": earnings.all_verified,
@@ -141,6 +173,18 @@ def as_json(earnings: Earnings) -> str:
             }
             for receipt in earnings.receipts
         ],
+        "slashes": [
+            {
+                "job_id": slash.job_id,
+                "amount": slash.amount,
+                "reason": slash.reason,
+                "banned": slash.banned,
+                "received_at": slash.received_at,
+            }
+            for slash in earnings.slashes
+        ],
+        "slash_problems": list(earnings.slash_problems),
+        "banned": earnings.banned,
         "note": PENDING_NOTE,
     }
     return json.dumps(document, indent=2) + "\n"
@@ -169,17 +213,42 @@ def as_text(earnings: Earnings) -> str:
                 f"{receipt.job_id or '?':<40} {index:>8} {format_credits(receipt.amount):>14} "
                 f"{tree:>8}  {status}"
             )
+    lines.extend(_slash_lines(earnings))
     lines.append("")
     failed = sum(1 for receipt in earnings.receipts if not receipt.verified)
     verdict = "all proofs verified" if failed == 0 else f"{failed} receipts FAILED verification"
     lines.append(
         f"credited {format_credits(earnings.total)} credits for {earnings.jobs} jobs; {verdict}"
     )
-    lines.append(f"pending {format_credits(earnings.total)}, matured {format_credits(0)}")
+    if earnings.slashes:
+        lines.append(
+            f"slashed {format_credits(earnings.slashed)} credits for "
+            f"{len(earnings.slashes)} failed spot checks"
+        )
+        lines.append(f"total {format_credits(earnings.net)} credits after slashes")
+    lines.append(f"pending {format_credits(earnings.net)}, matured {format_credits(0)}")
     lines.append(PENDING_NOTE)
+    if earnings.banned:
+        lines.append("BANNED: the coordinator refuses this key after a repeated failed check")
     if earnings.alarms:
         lines.append(
             f"WARNING: {earnings.alarms} ledger alarms recorded in "
             f"{earnings.directory / 'alarms.jsonl'}"
         )
     return "\n".join(lines) + "\n"
+
+
+def _slash_lines(earnings: Earnings) -> list[str]:
+    """The table of slashes shown after the credits; nothing when there are none."""
+    lines: list[str] = []
+    if earnings.slashes:
+        lines.append("")
+        lines.append(f"{'slashed job':<40} {'credits':>14}  reason")
+        for slash in earnings.slashes:
+            lines.append(
+                f"{slash.job_id or '?':<40} {'-' + format_credits(slash.amount):>14}  "
+                f"{slash.reason or '-'}"
+            )
+    for problem in earnings.slash_problems:
+        lines.append(f"WARNING: {problem} (in {earnings.directory / SLASHES_FILE})")
+    return lines

@@ -1,5 +1,8 @@
 """One connection to the coordinator: handshake, then jobs and heartbeats until it ends.
 
+Besides its own jobs, a connection carries spot checks: ``ScoreJob`` (re-score a finished job,
+``miner/score_jobs.py``) and ``SlashNotice`` (a failed check took credits, ``miner/slashes.py``).
+
 A session ends in one of three ways: it returns after a graceful drain (shutdown was asked),
 it raises :class:`ConnectionLostError` (the daemon reconnects), or it raises
 :class:`MinerRefusedError` (the coordinator will never accept this miner as it is).
@@ -20,6 +23,8 @@ from miner.engine.base import Engine
 from miner.errors import ConnectionLostError, MinerRefusedError
 from miner.identity import Identity
 from miner.jobs import JobRunner, StopReason, failure
+from miner.score_jobs import ScoreRunner, score_error
+from miner.slashes import record_slash
 from miner.witness import Witness, WitnessLink
 from proto import miner_pb2, miner_pb2_grpc
 from proto.limits import MAX_COORDINATOR_MESSAGE_BYTES, MAX_MINER_MESSAGE_BYTES
@@ -85,6 +90,7 @@ class Session:
         self._runner = JobRunner(
             engines, identity=identity, send=self._send, max_concurrency=config.max_concurrency
         )
+        self._scores = ScoreRunner(engines, send=self._send)
         self._draining = False
         self._witness = witness
         self._witness_link: WitnessLink | None = None
@@ -208,6 +214,7 @@ class Session:
                 await self._witness_link.aclose()
             # Whatever is still running has nobody left to report to.
             await self._runner.stop_all(StopReason.DISCONNECT)
+            await self._scores.stop_all(StopReason.DISCONNECT)
 
     async def _read_loop(self, call: _Call, dead_after: float) -> None:
         while True:
@@ -221,11 +228,23 @@ class Session:
             elif kind == "cancel":
                 if not self._runner.stop(message.cancel.job_id, StopReason.COORDINATOR):
                     logger.debug("CancelJob for %s, which is not running", message.cancel.job_id)
+            elif kind == "score":
+                if self._draining:
+                    self._send(score_error(message.score.score_id, "draining"))
+                else:
+                    self._scores.start(message.score)
+            elif kind == "slash_notice":
+                record_slash(message.slash_notice, directory=self._config.witness_dir)
             elif kind in ("credit_receipt", "consistency_proof"):
                 if self._witness_link is not None:
                     self._witness_link.handle(message)
             elif kind != "heartbeat":
                 logger.warning("ignoring an unexpected %s from the coordinator", kind)
+
+    async def _wait_all(self, limit_s: float) -> bool:
+        """Waits for jobs and score jobs in flight; True when all ended within ``limit_s``."""
+        jobs, scores = await asyncio.gather(self._runner.wait(limit_s), self._scores.wait(limit_s))
+        return jobs and scores
 
     async def _heartbeats(self, interval: float) -> None:
         while True:
@@ -241,9 +260,12 @@ class Session:
         self._send(miner_pb2.MinerMessage(drain=miner_pb2.Drain(reason="shutting down")))
         timeout = self._config.drain_timeout_s
         logger.info(
-            "draining: %d jobs in flight, waiting up to %.0f s", self._runner.active, timeout
+            "draining: %d jobs and %d score jobs in flight, waiting up to %.0f s",
+            self._runner.active,
+            self._scores.active,
+            timeout,
         )
-        finished = asyncio.create_task(self._runner.wait(timeout))
+        finished = asyncio.create_task(self._wait_all(timeout))
         try:
             await asyncio.wait({finished, reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -254,8 +276,13 @@ class Session:
             logger.warning("the connection ended while draining")
             return
         if not finished.result():
-            logger.warning("drain timeout: handing back %d unfinished jobs", self._runner.active)
+            logger.warning(
+                "drain timeout: handing back %d unfinished jobs and %d score jobs",
+                self._runner.active,
+                self._scores.active,
+            )
             await self._runner.stop_all(StopReason.HANDBACK)
+            await self._scores.stop_all(StopReason.HANDBACK)
         # Half-close: grpc writes everything queued before the end marker, then the coordinator
         # sees the end of the request stream and closes its side.
         self._outbox.put_nowait(None)

@@ -20,6 +20,11 @@ Every miner is also a witness of the ledger (a Merkle log with signed checkpoint
                    <------------ ConsistencyProof
   WitnessAlarm     ------------>  (a proof failed: fork or tampering)
 
+Spot checks: the coordinator re-scores a sample of finished jobs on other miners.
+                   <------------ ScoreJob (someone else's prompt and completion)
+  ScoreResult      ------------>  (per-token log-probabilities and margins)
+                   <------------ SlashNotice (a confirmed failed check took credits)
+
 Message-size limits are explicit (proto/limits.py) and enforced on both ends.
 Python code generated from this file is committed: regenerate with `make proto`.
 """
@@ -107,6 +112,7 @@ class MinerMessage(_message.Message):
     DRAIN_FIELD_NUMBER: _builtins.int
     CONSISTENCY_REQUEST_FIELD_NUMBER: _builtins.int
     WITNESS_ALARM_FIELD_NUMBER: _builtins.int
+    SCORE_RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -125,6 +131,8 @@ class MinerMessage(_message.Message):
     def consistency_request(self) -> Global___ConsistencyRequest: ...
     @_builtins.property
     def witness_alarm(self) -> Global___WitnessAlarm: ...
+    @_builtins.property
+    def score_result(self) -> Global___ScoreResult: ...
     def __init__(
         self,
         *,
@@ -137,12 +145,13 @@ class MinerMessage(_message.Message):
         drain: Global___Drain | None = ...,
         consistency_request: Global___ConsistencyRequest | None = ...,
         witness_alarm: Global___WitnessAlarm | None = ...,
+        score_result: Global___ScoreResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "chunk", b"chunk", "consistency_request", b"consistency_request", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "witness_alarm", b"witness_alarm"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "chunk", b"chunk", "consistency_request", b"consistency_request", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "score_result", b"score_result", "witness_alarm", b"witness_alarm"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "chunk", b"chunk", "consistency_request", b"consistency_request", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "witness_alarm", b"witness_alarm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "body", b"body", "chunk", b"chunk", "consistency_request", b"consistency_request", "drain", b"drain", "failure", b"failure", "heartbeat", b"heartbeat", "hello", b"hello", "result", b"result", "score_result", b"score_result", "witness_alarm", b"witness_alarm"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "answer", "chunk", "result", "failure", "heartbeat", "drain", "consistency_request", "witness_alarm"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "answer", "chunk", "result", "failure", "heartbeat", "drain", "consistency_request", "witness_alarm", "score_result"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -162,6 +171,8 @@ class CoordinatorMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     CREDIT_RECEIPT_FIELD_NUMBER: _builtins.int
     CONSISTENCY_PROOF_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    SLASH_NOTICE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def challenge(self) -> Global___Challenge: ...
     @_builtins.property
@@ -178,6 +189,10 @@ class CoordinatorMessage(_message.Message):
     def credit_receipt(self) -> Global___CreditReceipt: ...
     @_builtins.property
     def consistency_proof(self) -> Global___ConsistencyProof: ...
+    @_builtins.property
+    def score(self) -> Global___ScoreJob: ...
+    @_builtins.property
+    def slash_notice(self) -> Global___SlashNotice: ...
     def __init__(
         self,
         *,
@@ -189,12 +204,14 @@ class CoordinatorMessage(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         credit_receipt: Global___CreditReceipt | None = ...,
         consistency_proof: Global___ConsistencyProof | None = ...,
+        score: Global___ScoreJob | None = ...,
+        slash_notice: Global___SlashNotice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "challenge", b"challenge", "consistency_proof", b"consistency_proof", "credit_receipt", b"credit_receipt", "heartbeat", b"heartbeat", "job", b"job", "refusal", b"refusal", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "challenge", b"challenge", "consistency_proof", b"consistency_proof", "credit_receipt", b"credit_receipt", "heartbeat", b"heartbeat", "job", b"job", "refusal", b"refusal", "score", b"score", "slash_notice", b"slash_notice", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "challenge", b"challenge", "consistency_proof", b"consistency_proof", "credit_receipt", b"credit_receipt", "heartbeat", b"heartbeat", "job", b"job", "refusal", b"refusal", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cancel", b"cancel", "challenge", b"challenge", "consistency_proof", b"consistency_proof", "credit_receipt", b"credit_receipt", "heartbeat", b"heartbeat", "job", b"job", "refusal", b"refusal", "score", b"score", "slash_notice", b"slash_notice", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["challenge", "welcome", "refusal", "job", "cancel", "heartbeat", "credit_receipt", "consistency_proof"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["challenge", "welcome", "refusal", "job", "cancel", "heartbeat", "credit_receipt", "consistency_proof", "score", "slash_notice"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -798,3 +815,122 @@ class WitnessAlarm(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WitnessAlarm: _TypeAlias = WitnessAlarm  # noqa: Y015
+
+@_typing.final
+class ScoreJob(_message.Message):
+    """Re-score a finished job (possibly another miner's): one teacher-forced forward pass over
+    prompt + completion under the reference sampler (miner/sampler.py, miner/scorer.py).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    NOISE_JOB_ID_FIELD_NUMBER: _builtins.int
+    score_id: _builtins.str
+    """This score job's own id; the ScoreResult names it."""
+    model: _builtins.str
+    noise_job_id: _builtins.str
+    """The id that keyed the checked job's Gumbel noise."""
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def completion_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The tokens the checked miner claims it sampled, in order."""
+
+    @_builtins.property
+    def sampling(self) -> Global___SamplingParams:
+        """The checked job's sampling parameters (its seed included)."""
+
+    def __init__(
+        self,
+        *,
+        score_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        completion_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        sampling: Global___SamplingParams | None = ...,
+        noise_job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_token_ids", b"completion_token_ids", "model", b"model", "noise_job_id", b"noise_job_id", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "score_id", b"score_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreJob: _TypeAlias = ScoreJob  # noqa: Y015
+
+@_typing.final
+class ScoreResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_ID_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    MARGINS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    score_id: _builtins.str
+    error: _builtins.str
+    """Set when the job could not be scored (unknown model, bad ids); the lists are then empty."""
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One per completion token: log-softmax of the scorer's fp32 logits at temperature 1."""
+
+    @_builtins.property
+    def margins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One per completion token: max(scores) - scores[token] under the reference sampler, where
+        scores are what the sampler takes the argmax of; 0 means the scorer picks the same token,
+        +inf means the token was outside top-k / top-p.
+        """
+
+    def __init__(
+        self,
+        *,
+        score_id: _builtins.str = ...,
+        logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        margins: _abc.Iterable[_builtins.float] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "logprobs", b"logprobs", "margins", b"margins", "score_id", b"score_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreResult: _TypeAlias = ScoreResult  # noqa: Y015
+
+@_typing.final
+class SlashNotice(_message.Message):
+    """A confirmed failed spot check took this miner's unmatured credits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    BANNED_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job whose check failed."""
+    amount: _builtins.int
+    """Micro-units taken from this miner (the buyer's refund included)."""
+    reason: _builtins.str
+    """What the checks found, for the person running the miner."""
+    banned: _builtins.bool
+    """True when this was the key's second confirmed failure: it is refused from now on."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        banned: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "banned", b"banned", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SlashNotice: _TypeAlias = SlashNotice  # noqa: Y015

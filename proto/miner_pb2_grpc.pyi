@@ -20,6 +20,11 @@ Every miner is also a witness of the ledger (a Merkle log with signed checkpoint
                    <------------ ConsistencyProof
   WitnessAlarm     ------------>  (a proof failed: fork or tampering)
 
+Spot checks: the coordinator re-scores a sample of finished jobs on other miners.
+                   <------------ ScoreJob (someone else's prompt and completion)
+  ScoreResult      ------------>  (per-token log-probabilities and margins)
+                   <------------ SlashNotice (a confirmed failed check took credits)
+
 Message-size limits are explicit (proto/limits.py) and enforced on both ends.
 Python code generated from this file is committed: regenerate with `make proto`.
 """

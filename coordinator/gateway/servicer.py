@@ -55,14 +55,17 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
         registry: MinerRegistry,
         on_welcome: Callable[[MinerSession], Awaitable[None]] | None = None,
         receipts: LedgerReceipts | None = None,
+        is_banned: Callable[[str], bool] | None = None,
     ) -> None:
         """``receipts`` makes miners witnesses of the ledger: Welcome names the log and its key,
-        and their consistency requests and alarms go there."""
+        and their consistency requests and alarms go there. ``is_banned`` (miner id -> bool)
+        refuses keys banned by spot checks."""
         self._config = config
         self._catalog = catalog
         self._registry = registry
         self._on_welcome = on_welcome
         self._receipts = receipts
+        self._is_banned = is_banned
 
     async def Connect(
         self,
@@ -85,6 +88,14 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
                 raise _HandshakeFailed(
                     refusal(_R.REFUSAL_REASON_BAD_SIGNATURE, "the challenge signature is invalid"),
                     "bad signature",
+                )
+            if self._is_banned is not None and self._is_banned(hello.public_key.hex()):
+                raise _HandshakeFailed(
+                    refusal(
+                        _R.REFUSAL_REASON_BANNED_KEY,
+                        "this key is banned: spot checks confirmed that it faked its work",
+                    ),
+                    "banned key",
                 )
         except _HandshakeFailed as failure:
             logger.warning("refused miner at %s: %s", peer, failure)

@@ -19,6 +19,7 @@ from proto.limits import MAX_TOKENS_PER_CHUNK
 logger = logging.getLogger(__name__)
 
 _MAX_ABANDONED = 1024
+_MAX_EXPIRED_SCORES = 1024
 _WITNESS_KINDS = frozenset({"consistency_request", "witness_alarm"})
 
 
@@ -27,6 +28,10 @@ class MinerLost:
     """The miner went away (disconnected, evicted, or violated the protocol)."""
 
     reason: str  # shown in logs and, mid-stream, to the buyer
+
+
+class ScorerLost(Exception):
+    """The miner asked to score a job went away before answering."""
 
 
 JobEvent = miner_pb2.TokenChunk | miner_pb2.JobResult | miner_pb2.JobFailure | MinerLost
@@ -91,6 +96,9 @@ class MinerSession:
         # Jobs given up on before their first token (e.g. the miner was too slow): whatever the
         # miner still sends for them is dropped, not treated as a protocol violation.
         self._abandoned: set[str] = set()
+        # Spot checks this miner was asked to score, by score id; and those given up on.
+        self._scores: dict[str, asyncio.Future[miner_pb2.ScoreResult]] = {}
+        self._expired_scores: set[str] = set()
         # None is the end-of-stream marker for the servicer's response generator.
         self.outbox: asyncio.Queue[miner_pb2.CoordinatorMessage | None] = asyncio.Queue()
 
@@ -130,6 +138,29 @@ class MinerSession:
         if self._jobs.pop(job_id, None) is not None and len(self._abandoned) < _MAX_ABANDONED:
             self._abandoned.add(job_id)
 
+    def start_score(self, score: miner_pb2.ScoreJob) -> asyncio.Future[miner_pb2.ScoreResult]:
+        """Sends a score job; the future resolves with the result, or fails with
+        :class:`ScorerLost` when the miner goes away first."""
+        future: asyncio.Future[miner_pb2.ScoreResult] = asyncio.get_running_loop().create_future()
+        if self.closed_reason is not None:
+            future.set_exception(ScorerLost(self.closed_reason))
+            return future
+        self._scores[score.score_id] = future
+        self.outbox.put_nowait(miner_pb2.CoordinatorMessage(score=score))
+        return future
+
+    def expire_score(self, score_id: str) -> None:
+        """Gives up on a score job; a late answer for it is dropped."""
+        if self._scores.pop(score_id, None) is not None:
+            if len(self._expired_scores) >= _MAX_EXPIRED_SCORES:
+                self._expired_scores.clear()
+            self._expired_scores.add(score_id)
+
+    def notify(self, message: miner_pb2.CoordinatorMessage) -> None:
+        """Queues a message that belongs to no job (e.g. a slash notice)."""
+        if self.closed_reason is None:
+            self.outbox.put_nowait(message)
+
     def deliver(self, message: miner_pb2.MinerMessage) -> str | None:
         """Routes one message from the miner. Returns a protocol violation, or None when fine."""
         self.last_seen = time.monotonic()
@@ -142,6 +173,8 @@ class MinerSession:
             return None
         if kind == "chunk":
             return self._deliver_chunk(message.chunk)
+        if kind == "score_result":
+            return self._deliver_score(message.score_result)
         if kind in _WITNESS_KINDS and self._on_witness_message is not None:
             self._on_witness_message(self, message)
             return None
@@ -177,6 +210,17 @@ class MinerSession:
             channel.put(chunk)
         return violation
 
+    def _deliver_score(self, result: miner_pb2.ScoreResult) -> str | None:
+        if result.score_id in self._expired_scores:
+            self._expired_scores.discard(result.score_id)
+            return None
+        future = self._scores.pop(result.score_id, None)
+        if future is None:
+            return f"score result for unknown score job {result.score_id!r}"
+        if not future.done():
+            future.set_result(result)
+        return None
+
     def close(self, reason: str) -> None:
         """Ends the session: every job in flight learns the miner is lost."""
         if self.closed_reason is not None:
@@ -185,4 +229,8 @@ class MinerSession:
         for channel in self._jobs.values():
             channel.put(MinerLost(reason))
         self._jobs.clear()
+        for future in self._scores.values():
+            if not future.done():
+                future.set_exception(ScorerLost(reason))
+        self._scores.clear()
         self.outbox.put_nowait(None)

@@ -42,6 +42,24 @@ class GeneratedToken:
 
 
 @dataclass(frozen=True)
+class ScoreRequest:
+    """A finished job to re-score: one teacher-forced pass over prompt + completion."""
+
+    noise_job_id: str  # the job id that keyed the checked job's Gumbel noise
+    prompt_token_ids: Sequence[int]  # the checked job's prompt
+    completion_token_ids: Sequence[int]  # the tokens the checked miner claims it sampled
+    sampling: SamplingParams  # the checked job's sampling parameters
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """What a scorer finds for each claimed completion token (see ``miner.scorer``)."""
+
+    logprobs: tuple[float, ...]  # log-softmax of the scorer's fp32 logits, temperature 1
+    margins: tuple[float, ...]  # max(scores) - scores[token]; 0 = same pick, inf = truncated away
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What an engine serves; the daemon announces it in Hello."""
 
@@ -86,5 +104,13 @@ class Engine(Protocol):
         Ends after a stop token, after ``max_tokens`` tokens, or at the context length.
         Closing the iterator early (``aclose()``) cancels generation promptly. Many calls may
         run at once; the engine decides how to share the device.
+        """
+        ...
+
+    async def score(self, request: ScoreRequest) -> TokenScores:
+        """Scores another job's claimed tokens under the reference sampler (a spot check).
+
+        One teacher-forced forward pass over prompt + completion: no sampling, no KV cache
+        kept. Raises :class:`GenerationError` for a request that cannot be scored.
         """
         ...

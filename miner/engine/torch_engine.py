@@ -6,6 +6,10 @@ pool owned by the engine (``max_concurrency`` workers, the same bound as the num
 flight), so the event loop never blocks on the model. Batching several jobs into one forward
 pass is future work; it would not change any job's tokens beyond floating-point noise, because
 the sampler's randomness depends only on ``(seed, job id, position)``.
+
+Scoring a spot check (:meth:`TorchEngine.score`) is one teacher-forced pass on the same pool. It
+takes no job slot, so a miner busy generating still answers checks: the pass is queued between
+decode steps.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import gc
 import inspect
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +33,11 @@ from miner.engine.base import (
     GenerationRequest,
     ModelInfo,
     ModelLoadError,
+    SamplingParams,
+    ScoreRequest,
+    TokenScores,
 )
+from miner.scorer import score_rows, teacher_forced_logits
 from proto.weights_digest import NoWeightFilesError, weights_sha256
 
 logger = logging.getLogger(__name__)
@@ -148,30 +156,70 @@ class TorchEngine:
                 step_input = [token]
             logger.debug("job %s: length limit after %d tokens", request.job_id, budget)
 
+    async def score(self, request: ScoreRequest) -> TokenScores:
+        """Log-probabilities and margins of another job's claimed tokens (see ``miner.scorer``).
+
+        One forward pass over prompt + completion on the engine's thread pool, without a job
+        slot. Raises :class:`GenerationError` for a request that cannot be scored: an empty
+        prompt, ids outside the vocabulary, more tokens than the context, bad sampling
+        parameters. An empty completion scores to empty tuples without a forward pass.
+        """
+        prompt = self._checked_prompt(request.prompt_token_ids)
+        completion = self._checked_ids(request.completion_token_ids, "completion")
+        context_length = self._info.context_length
+        if len(prompt) + len(completion) > context_length:
+            raise GenerationError(
+                f"prompt and completion have {len(prompt) + len(completion)} tokens; "
+                f"the context length is {context_length}"
+            )
+        self._check_sampling(request.sampling)
+        if not completion:
+            return TokenScores(logprobs=(), margins=())
+        logger.debug(
+            "scoring job %s: %d prompt tokens, %d completion tokens",
+            request.noise_job_id,
+            len(prompt),
+            len(completion),
+        )
+        return await self._run(self._score, prompt, completion, request)
+
     def _validate(self, request: GenerationRequest) -> list[int]:
-        prompt = [int(token) for token in request.prompt_token_ids]
-        vocab_size, context_length = self._info.vocab_size, self._info.context_length
-        if self._closed:
-            raise GenerationError("the engine is closed")
-        if not prompt:
-            raise GenerationError("the prompt is empty")
-        if not all(0 <= token < vocab_size for token in prompt):
-            raise GenerationError(f"prompt token ids must be in [0, {vocab_size})")
+        prompt = self._checked_prompt(request.prompt_token_ids)
+        context_length = self._info.context_length
         if len(prompt) >= context_length:
             raise GenerationError(
                 f"the prompt has {len(prompt)} tokens; the context length is {context_length}"
             )
         if request.sampling.max_tokens < 1:
             raise GenerationError(f"max_tokens must be >= 1, got {request.sampling.max_tokens}")
+        self._check_sampling(request.sampling)
+        return prompt
+
+    def _checked_prompt(self, token_ids: Sequence[int]) -> list[int]:
+        if self._closed:
+            raise GenerationError("the engine is closed")
+        prompt = self._checked_ids(token_ids, "prompt")
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        return prompt
+
+    def _checked_ids(self, token_ids: Sequence[int], what: str) -> list[int]:
+        ids = [int(token) for token in token_ids]
+        vocab_size = self._info.vocab_size
+        if not all(0 <= token < vocab_size for token in ids):
+            raise GenerationError(f"{what} token ids must be in [0, {vocab_size})")
+        return ids
+
+    @staticmethod
+    def _check_sampling(params: SamplingParams) -> None:
         try:
-            sampler.validate(request.sampling)
+            sampler.validate(params)
         except ValueError as exc:
             raise GenerationError(str(exc)) from exc
-        return prompt
 
     async def _run(self, function: Callable[..., _T], *args: Any) -> _T:
         if self._closed:
-            raise GenerationError("the engine closed during generation")
+            raise GenerationError("the engine is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def _step(
@@ -187,6 +235,16 @@ class TorchEngine:
                 output.logits[0, -1], request.sampling, job_id=request.job_id, position=position
             )
         return token, logprob, output.past_key_values
+
+    def _score(
+        self, prompt: list[int], completion: list[int], request: ScoreRequest
+    ) -> TokenScores:
+        """The teacher-forced pass and the scores of its rows; runs on a worker thread."""
+        with torch.inference_mode():
+            logits = teacher_forced_logits(self._model, prompt, completion, device=self._device)
+            return score_rows(
+                logits, completion, request.sampling, noise_job_id=request.noise_job_id
+            )
 
     async def _close(self) -> None:
         self._closed = True

@@ -407,6 +407,45 @@ def test_issuance_moved_by_a_non_mint_entry() -> None:
     assert rogue([(K.SLASH, miner("m"), ISSUANCE, 5, 0)]) == {"conservation.negative"}
 
 
+def test_spot_check_entries_between_their_own_accounts_are_clean() -> None:
+    # busy_log(10) leaves miner 00.. and the fee account funded and buyer key1 open.
+    funded = miner("00" * 32)
+    assert rogue([(K.SLASH, funded, ISSUANCE, 1, 0)]) == set()
+    assert rogue([(K.REFUND, funded, buyer("key1"), 1, 0)]) == set()
+    assert rogue([(K.REFUND, FEE, buyer("key1"), 1, 0)]) == set()
+    assert rogue([(K.REWARD, FEE, miner("scorer"), 1, 0)]) == set()
+
+
+@pytest.mark.parametrize(
+    ("debit", "credit", "found"),
+    [
+        (ESCROW, miner("m"), {"entry.accounts", "escrow.mismatch"}),
+        (miner("00" * 32), miner("m"), {"entry.accounts"}),
+        (FEE, buyer("key1"), {"entry.accounts"}),
+        (ISSUANCE, miner("m"), {"issuance.illegal_move"}),
+        (FEE, ISSUANCE, {"issuance.illegal_move"}),
+    ],
+)
+def test_a_reward_between_the_wrong_accounts(
+    debit: EncodedAccount, credit: EncodedAccount, found: set[str]
+) -> None:
+    assert rogue([(K.REWARD, debit, credit, 1, 0)]) == found
+
+
+def test_spot_check_entries_with_the_wrong_accounts_or_a_hold_id() -> None:
+    funded = miner("00" * 32)
+    assert rogue([(K.SLASH, funded, FEE, 1, 0)]) == {"entry.accounts"}
+    assert rogue([(K.SLASH, buyer("key1"), ISSUANCE, 1, 0)]) == {"entry.accounts"}
+    assert rogue([(K.REFUND, funded, miner("m"), 1, 0)]) == {"entry.accounts"}
+    assert rogue([(K.REFUND, buyer("key1"), buyer("key2"), 1, 0)]) == {"entry.accounts"}
+    for kind, debit, credit in (
+        (K.SLASH, funded, ISSUANCE),
+        (K.REFUND, FEE, buyer("key1")),
+        (K.REWARD, FEE, miner("scorer")),
+    ):
+        assert rogue([(kind, debit, credit, 1, 3)]) == {"entry.hold_id"}
+
+
 def test_a_hold_closed_twice() -> None:
     found = rogue(
         [

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import asyncpg
 import pytest
 
+from ledger.entry import MAX_AMOUNT, EntryKind
 from ledger.interface import (
     ESCROW,
     FEE,
@@ -22,7 +23,7 @@ from ledger.interface import (
     Ledger,
     UnknownAccountError,
 )
-from ledger.postgres import MAX_AMOUNT, EntryKind, PostgresLedger
+from ledger.postgres import PostgresLedger
 
 if TYPE_CHECKING:
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]

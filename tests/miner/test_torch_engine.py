@@ -21,6 +21,7 @@ from miner.engine.base import (
     GenerationRequest,
     ModelLoadError,
     SamplingParams,
+    ScoreRequest,
 )
 from miner.engine.torch_engine import TorchEngine
 from miner.test_model import create_test_model
@@ -256,6 +257,132 @@ async def test_generate_after_unload_raises(model_dir: Path) -> None:
         pass
     with pytest.raises(GenerationError, match="closed"):
         await tokens_of(loaded, request(list(PROMPTS[0])))
+    with pytest.raises(GenerationError, match="closed"):
+        await loaded.score(score_request(list(PROMPTS[0]), [1, 2]))
+
+
+def score_request(
+    prompt: list[int], completion: list[int], job_id: str = "job", **sampling: Any
+) -> ScoreRequest:
+    return ScoreRequest(
+        noise_job_id=job_id,
+        prompt_token_ids=prompt,
+        completion_token_ids=completion,
+        sampling=SamplingParams(**sampling),
+    )
+
+
+HONEST_SAMPLING: list[dict[str, Any]] = [
+    {"temperature": 0, "max_tokens": 20},
+    {"temperature": 0.8, "top_p": 0.9, "top_k": 40, "seed": 11, "max_tokens": 20},
+]
+
+
+@pytest.mark.parametrize("sampling", HONEST_SAMPLING)
+async def test_an_honest_completion_scores_zero_margins_and_its_own_logprobs(
+    engine: TorchEngine, forwards: ForwardCounter, sampling: dict[str, Any]
+) -> None:
+    prompt = list(PROMPTS[1])
+    job = request(prompt, "honest", **sampling)
+    generated = [token async for token in engine.generate(job)]
+    completion = [token.token_id for token in generated]
+    calls = forwards.calls
+    scores = await engine.score(score_request(prompt, completion, "honest", **sampling))
+    assert forwards.calls == calls + 1, "scoring is one forward pass"
+    assert len(scores.logprobs) == len(scores.margins) == len(completion) == 20
+    assert scores.margins == (0.0,) * len(completion)
+    for token, logprob in zip(generated, scores.logprobs, strict=True):
+        assert abs(token.logprob - logprob) < 1e-4
+
+
+async def test_a_substituted_token_has_a_positive_margin(engine: TorchEngine) -> None:
+    sampling = HONEST_SAMPLING[1]
+    prompt = list(PROMPTS[0])
+    completion = await tokens_of(engine, request(prompt, "cheat", **sampling))
+    honest = await engine.score(score_request(prompt, completion, "cheat", **sampling))
+    position = 5
+    forged = list(completion)
+    # Any other token: the scorer's own pick is the honest one, which had margin 0.
+    forged[position] = (completion[position] + 1) % engine.info.vocab_size
+    scores = await engine.score(score_request(prompt, forged, "cheat", **sampling))
+    assert scores.margins[:position] == (0.0,) * position
+    assert scores.margins[position] > 0
+    assert scores.logprobs[position] != honest.logprobs[position]
+    # The same tokens under another job's noise are not an honest sample either.
+    elsewhere = await engine.score(score_request(prompt, completion, "other-job", **sampling))
+    assert any(margin > 0 for margin in elsewhere.margins)
+
+
+async def test_a_token_outside_top_k_has_an_infinite_margin(engine: TorchEngine) -> None:
+    prompt = list(PROMPTS[0])
+    with torch.inference_mode():
+        row = engine.model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    least_likely = int(torch.argmin(row).item())
+    scores = await engine.score(
+        score_request(prompt, [least_likely], temperature=1.0, top_k=5, seed=1)
+    )
+    assert scores.margins == (float("inf"),)
+    assert scores.logprobs[0] == pytest.approx(float(torch.log_softmax(row, -1)[least_likely]))
+
+
+async def test_scoring_runs_while_every_generation_slot_is_taken(engine: TorchEngine) -> None:
+    prompt = list(PROMPTS[0])
+    streams = [
+        engine.generate(request(prompt, f"busy-{n}", temperature=1.0, max_tokens=40))
+        for n in range(2)
+    ]
+    try:
+        for stream in streams:
+            await anext(stream)  # each stream now holds one of the engine's two slots
+        # Waiting for a slot would deadlock: the streams are not consumed until this is done.
+        scores = await asyncio.wait_for(engine.score(score_request(prompt, [1, 2, 3])), 60)
+    finally:
+        for stream in streams:
+            await stream.aclose()
+    assert len(scores.margins) == 3
+
+
+async def test_an_empty_completion_scores_to_nothing_without_a_forward_pass(
+    engine: TorchEngine, forwards: ForwardCounter
+) -> None:
+    scores = await engine.score(score_request(list(PROMPTS[0]), []))
+    assert (scores.logprobs, scores.margins) == ((), ())
+    assert forwards.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "sampling", "message"),
+    [
+        ([], [1], {}, "empty"),
+        ([1, 260], [1], {}, "prompt token ids"),
+        ([1, 2], [5, 260], {}, "completion token ids"),
+        ([1, 2], [-1], {}, "completion token ids"),
+        ([1] * (CONTEXT_LENGTH - 2), [1, 2, 3], {}, "context length"),
+        ([1, 2], [3], {"temperature": float("nan")}, "temperature"),
+        ([1, 2], [3], {"top_k": -1}, "top_k"),
+    ],
+)
+async def test_invalid_score_requests_raise_generation_error(
+    engine: TorchEngine,
+    forwards: ForwardCounter,
+    prompt: list[int],
+    completion: list[int],
+    sampling: dict[str, Any],
+    message: str,
+) -> None:
+    with pytest.raises(GenerationError, match=message):
+        await engine.score(score_request(prompt, completion, **sampling))
+    assert forwards.calls == 0
+
+
+async def test_a_completion_filling_the_context_exactly_can_be_scored(
+    engine: TorchEngine,
+) -> None:
+    prompt = [65 + i % 26 for i in range(CONTEXT_LENGTH - 3)]
+    completion = await tokens_of(engine, request(prompt, temperature=0, max_tokens=10))
+    assert len(prompt) + len(completion) == CONTEXT_LENGTH
+    scores = await engine.score(score_request(prompt, completion, temperature=0))
+    assert scores.margins == (0.0,) * 3
 
 
 async def test_reduced_precision_loads_and_generates(model_dir: Path) -> None:

@@ -3,10 +3,11 @@
 ``FakeGateway`` is a real gRPC servicer (served on 127.0.0.1, port 0) that plays the
 coordinator's side of proto/miner.proto just far enough to test the miner: it verifies the
 challenge signature, welcomes or refuses, records every message the miner sends and lets a test
-push Jobs and CancelJobs. The real coordinator is tested end to end elsewhere.
+push Jobs, CancelJobs, ScoreJobs and SlashNotices. The real coordinator is tested end to end
+elsewhere.
 
-``FakeEngine`` implements ``miner.engine.base.Engine`` with deterministic tokens and configurable
-delays, so daemon tests run in milliseconds.
+``FakeEngine`` implements ``miner.engine.base.Engine`` with deterministic tokens and scores and
+configurable delays, so daemon tests run in milliseconds.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from miner.config import MinerConfig
 from miner.daemon import MinerDaemon
-from miner.engine.base import Engine, GeneratedToken, GenerationRequest, ModelInfo
+from miner.engine.base import (
+    Engine,
+    GeneratedToken,
+    GenerationRequest,
+    ModelInfo,
+    ScoreRequest,
+    TokenScores,
+)
 from miner.identity import Identity
 from proto import miner_pb2, miner_pb2_grpc
 from proto.limits import MAX_COORDINATOR_MESSAGE_BYTES, MAX_MINER_MESSAGE_BYTES
@@ -62,6 +70,25 @@ class FakeSession:
 
     def send_cancel(self, job_id: str) -> None:
         self.send(miner_pb2.CoordinatorMessage(cancel=miner_pb2.CancelJob(job_id=job_id)))
+
+    def send_score(self, score: miner_pb2.ScoreJob) -> None:
+        self.send(miner_pb2.CoordinatorMessage(score=score))
+
+    def send_slash(self, notice: miner_pb2.SlashNotice) -> None:
+        self.send(miner_pb2.CoordinatorMessage(slash_notice=notice))
+
+    async def score_result(
+        self, score_id: str, *, within_s: float = WAIT_S
+    ) -> miner_pb2.ScoreResult:
+        """The ScoreResult naming ``score_id``; other messages are skipped."""
+        async with asyncio.timeout(within_s):
+            while True:
+                message = await self._inbox.get()
+                if (
+                    message.WhichOneof("body") == "score_result"
+                    and message.score_result.score_id == score_id
+                ):
+                    return message.score_result
 
     def close(self) -> None:
         """Ends the stream from the coordinator's side."""
@@ -231,6 +258,8 @@ class FakeEngine:
         first_token_delay_s: float = 0.0,
         error: Exception | None = None,
         error_after: int = 0,
+        score_delay_s: float = 0.0,
+        score_error: Exception | None = None,
     ) -> None:
         self._info = ModelInfo(
             name=name,
@@ -245,6 +274,12 @@ class FakeEngine:
         self._first_token_delay_s = first_token_delay_s
         self._error = error
         self._error_after = error_after
+        self._score_delay_s = score_delay_s
+        self._score_error = score_error
+        self.scoring: set[str] = set()
+        """Noise job ids of score calls that started and have not returned or been cancelled."""
+        self.scores_cancelled: set[str] = set()
+        """Noise job ids of score calls that were cancelled."""
         self.produced: dict[str, int] = {}
         """Tokens yielded per job id."""
         self.closed: set[str] = set()
@@ -273,6 +308,29 @@ class FakeEngine:
         finally:
             self.closed.add(job_id)
             self._closing.set()
+
+    async def score(self, request: ScoreRequest) -> TokenScores:
+        """Margin 0 for each token :func:`fake_tokens` would produce at its position, else 1."""
+        job_id = request.noise_job_id
+        self.scoring.add(job_id)
+        try:
+            await asyncio.sleep(self._score_delay_s)
+        except asyncio.CancelledError:
+            self.scores_cancelled.add(job_id)
+            raise
+        finally:
+            self.scoring.discard(job_id)
+        if self._score_error is not None:
+            raise self._score_error
+        completion = list(request.completion_token_ids)
+        honest = fake_tokens(request.prompt_token_ids, len(completion))
+        return TokenScores(
+            logprobs=tuple(fake_logprob(position) for position in range(len(completion))),
+            margins=tuple(
+                0.0 if token == expected else 1.0
+                for token, expected in zip(completion, honest, strict=True)
+            ),
+        )
 
     async def wait_closed(self, job_id: str) -> None:
         async with asyncio.timeout(WAIT_S):

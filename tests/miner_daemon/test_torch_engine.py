@@ -101,6 +101,40 @@ async def test_a_real_model_serves_streams_and_cancels(model_dir: Path) -> None:
         assert 1 <= cancelled.result.receipt.completion_tokens < 400
 
 
+async def test_a_real_model_scores_a_finished_job_over_the_wire(model_dir: Path) -> None:
+    gateway = FakeGateway()
+    async with (
+        tiny_engine(model_dir) as engine,
+        serve(gateway) as port,
+        running_miner(port, [engine]),
+    ):
+        session = await gateway.next_session(within_s=SLOW_S)
+        job = make_job("checked", model="tiny", prompt=PROMPT, max_tokens=12)
+        session.send_job(job)
+        outcome = await session.job_outcome("checked", within_s=SLOW_S)
+        tokens = outcome.token_ids
+        forged = [*tokens[:-1], (tokens[-1] + 1) % engine.info.vocab_size]
+        results = []
+        for score_id, completion in (("honest", tokens), ("forged", forged)):
+            session.send_score(
+                miner_pb2.ScoreJob(
+                    score_id=score_id,
+                    model="tiny",
+                    prompt_token_ids=job.prompt_token_ids,
+                    completion_token_ids=completion,
+                    sampling=job.sampling,
+                    noise_job_id=job.job_id,
+                )
+            )
+            results.append(await session.score_result(score_id, within_s=SLOW_S))
+        honest, forged_result = results
+    assert honest.error == "" and list(honest.margins) == [0.0] * len(tokens)
+    claimed = [logprob for chunk in outcome.chunks for logprob in chunk.logprobs]
+    assert honest.logprobs == pytest.approx(claimed, abs=1e-4)
+    assert list(forged_result.margins[:-1]) == [0.0] * (len(tokens) - 1)
+    assert forged_result.margins[-1] > 0
+
+
 def miner_command() -> list[str]:
     script = Path(sys.executable).parent / "meshmint-miner"
     if script.exists():

@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 
 from ledger.checkpoint import parse_signed_checkpoint, parse_verifier_key
+from ledger.money import format_credits
 from miner.cli import main
 from miner.config import default_witness_dir
 from miner.earnings import PENDING_NOTE
 from miner.identity import load_or_create_identity
+from miner.slashes import SLASHES_FILE, record_slash
 from miner.witness_store import ReceiptRecord, WitnessStore
+from proto import miner_pb2
 from tests.miner_witness.log_fixture import ORIGIN, MemoryLog
 
 AMOUNTS = (950, 1900, 37)
@@ -171,3 +174,95 @@ def test_a_damaged_checkpoint_is_reported(
     code, report = earnings_json(key, capsys)
     assert code == 1 and "unusable" in str(report["state_problem"])
     assert report["total_credited"] == sum(AMOUNTS)  # the receipts themselves still verify
+
+
+SLASHES = (("job-1", 1000, "tokens off the sampler"), ("job-7", 250, "forged end of sequence"))
+
+
+def store_slashes(key: Path, slashes: tuple[tuple[str, int, str], ...], *, banned: bool) -> None:
+    """Records slash notices as the daemon does when the coordinator sends them."""
+    for number, (job_id, amount, reason) in enumerate(slashes):
+        notice = miner_pb2.SlashNotice(
+            job_id=job_id,
+            amount=amount,
+            reason=reason,
+            banned=banned and number == len(slashes) - 1,
+        )
+        record_slash(notice, directory=default_witness_dir(key))
+
+
+def test_slashes_are_listed_and_subtracted_from_the_total(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "miner.key"
+    store_receipts(key, MemoryLog(), AMOUNTS)
+    store_slashes(key, SLASHES, banned=False)
+    slashed = sum(amount for _, amount, _ in SLASHES)
+    code, report = earnings_json(key, capsys)
+    assert code == 0, "a slash is not a failed proof"
+    assert report["total_credited"] == sum(AMOUNTS)
+    assert report["slashed"] == slashed
+    assert report["net"] == report["pending"] == sum(AMOUNTS) - slashed
+    slashes = report["slashes"]
+    assert isinstance(slashes, list)
+    assert [(s["job_id"], s["amount"], s["reason"]) for s in slashes] == list(SLASHES)
+    assert report["banned"] is False
+
+    assert main(["earnings", "--key", str(key)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("slashed job"))
+    last_credit = max(i for i, line in enumerate(lines) if "pending, proof verified" in line)
+    assert header > last_credit, "slashes come after the credits"
+    for offset, (job_id, amount, reason) in enumerate(SLASHES, start=1):
+        row = lines[header + offset]
+        assert row.split()[0] == job_id
+        assert f"-{format_credits(amount)}" in row and row.endswith(reason)
+    net = format_credits(sum(AMOUNTS) - slashed)
+    assert f"slashed {format_credits(slashed)} credits for 2 failed spot checks" in out
+    assert f"total {net} credits after slashes" in out
+    assert f"pending {net}, matured 0.000000" in out
+    assert "BANNED" not in out
+
+
+def test_a_banning_slash_is_shown_and_slashes_can_exceed_the_credits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "miner.key"
+    load_or_create_identity(key)
+    store_slashes(key, SLASHES, banned=True)
+    code, report = earnings_json(key, capsys)
+    assert code == 0 and report["banned"] is True
+    assert report["net"] == -sum(amount for _, amount, _ in SLASHES)
+    assert main(["earnings", "--key", str(key)]) == 0
+    assert "BANNED" in capsys.readouterr().out
+
+
+def test_an_unreadable_slash_line_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "miner.key"
+    store_receipts(key, MemoryLog(), AMOUNTS)
+    store_slashes(key, SLASHES[:1], banned=False)
+    with (default_witness_dir(key) / SLASHES_FILE).open("a") as handle:
+        handle.write('{"job_id": "job-2", "amount": -5}\n')
+    code, report = earnings_json(key, capsys)
+    assert code == 0
+    assert report["slashed"] == SLASHES[0][1]
+    problems = report["slash_problems"]
+    assert isinstance(problems, list) and len(problems) == 1 and "line 2" in problems[0]
+    main(["earnings", "--key", str(key)])
+    assert "WARNING: line 2 of slashes.jsonl" in capsys.readouterr().out
+
+
+def test_without_slashes_nothing_is_subtracted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "miner.key"
+    store_receipts(key, MemoryLog(), AMOUNTS)
+    code, report = earnings_json(key, capsys)
+    assert code == 0 and report["slashed"] == 0 and report["slashes"] == []
+    assert report["net"] == report["pending"] == report["total_credited"] == sum(AMOUNTS)
+    main(["earnings", "--key", str(key)])
+    out = capsys.readouterr().out
+    assert "slashed" not in out and "after slashes" not in out

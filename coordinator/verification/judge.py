@@ -1,0 +1,273 @@
+"""The judge of a spot check: does a scorer's view of a job agree with what its miner claimed?
+
+Pure Python (no torch), so the coordinator can run it anywhere. The inputs are the checked
+miner's :class:`Claim` (prompt, tokens, claimed log-probabilities, finish reason and the job's
+limits) and a scorer's :class:`Scores` (``miner.scorer``: per-token log-probabilities and
+margins under the reference sampler, from one teacher-forced pass). A job fails when
+
+- its **structure** is wrong (:func:`structure_problems`): more tokens than allowed, a stop
+  token anywhere but last, a finish reason the tokens do not bear out, ids outside the
+  vocabulary, or claimed log-probabilities that are missing, non-finite or positive;
+- the scores do not fit the claim (wrong length) or hold NaN;
+- more than ``disagreeing_allowance + max_disagreeing_fraction * n`` of its ``n`` tokens
+  **disagree** (margin above ``margin_limit``: the scorer's reference sampler would have picked
+  another token). The allowance forgives honest near-ties, e.g. a token at the edge of the
+  top-k or top-p set that another dtype keeps and the scorer drops;
+- its claimed **stop token disagrees** (a truncation with a forged end: one token, which the
+  allowance would otherwise forgive);
+- its claimed log-probabilities are **off** on average: ``sum |claimed - scored|`` above
+  ``dlogprob_allowance + max_mean_abs_dlogprob * n``.
+
+Subtle cheats (quantized or perturbed weights, rare substitutions) pass most single jobs, so
+:class:`PooledStats` adds up a miner's checked jobs (per scorer) and judges the totals once they
+cover ``pooled_min_tokens`` tokens. The defaults of :class:`Thresholds` are calibrated by
+``bench/verification.py`` on the demo model; see docs/benchmarks.md, "Verification".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+# One token's |claimed - scored| counts at most this much: a token the scorer finds impossible
+# (-inf) would otherwise make a miner's pooled sum infinite, which JSON cannot store.
+DLOGPROB_CAP = 50.0
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a checked job, or a miner's pooled record, fails. One per model in the catalog."""
+
+    # A token disagrees when its margin exceeds this (margins are in units of the scaled
+    # logits; honest devices and dtypes stay far below it, a substituted token is far above).
+    margin_limit: float = 1.0
+    # A job fails with more than disagreeing_allowance + this * n disagreeing tokens out of n ...
+    max_disagreeing_fraction: float = 0.005
+    # ... where this allowance forgives honest near-ties in short jobs (the design's "1 +").
+    disagreeing_allowance: float = 1.0
+    # A job fails when sum |claimed - scored| log-prob exceeds allowance + this * n ...
+    max_mean_abs_dlogprob: float = 0.015
+    # ... where this allowance keeps short honest jobs from failing on one noisy token.
+    dlogprob_allowance: float = 0.0
+    # A claimed final stop token whose margin exceeds margin_limit fails the job by itself.
+    stop_token_must_agree: bool = True
+    # Pooled per-miner statistics give a verdict once they cover this many tokens.
+    pooled_min_tokens: int = 500
+    # A pool fails when its mean |claimed - scored| log-prob exceeds this ...
+    pooled_max_mean_abs_dlogprob: float = 0.01
+    # ... or when more than this fraction of its tokens disagree.
+    pooled_max_disagreeing_fraction: float = 0.003
+
+    def __post_init__(self) -> None:
+        for name in (
+            "margin_limit",
+            "max_disagreeing_fraction",
+            "disagreeing_allowance",
+            "max_mean_abs_dlogprob",
+            "dlogprob_allowance",
+            "pooled_max_mean_abs_dlogprob",
+            "pooled_max_disagreeing_fraction",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if self.pooled_min_tokens < 1:
+            raise ValueError(f"pooled_min_tokens must be >= 1, got {self.pooled_min_tokens}")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What the checked miner delivered, with the limits of its job."""
+
+    prompt_token_ids: tuple[int, ...]  # the job's prompt (tokenized by the coordinator)
+    token_ids: tuple[int, ...]  # the completion the miner claims it sampled
+    logprobs: tuple[float, ...]  # claimed, one per token
+    finish_reason: str  # "stop", "length" or "cancelled"
+    max_tokens: int  # the job's limit on generated tokens
+    stop_token_ids: frozenset[int]  # tokens that end generation
+    vocab_size: int  # valid token ids are [0, vocab_size)
+    context_length: int  # the model's context: prompt plus completion
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a scorer returned for the claimed tokens (``miner.scorer.score_rows``)."""
+
+    logprobs: tuple[float, ...]  # the scorer's fp32 log-probability of each claimed token
+    margins: tuple[float, ...]  # 0 = the scorer picks the same token; inf = truncated away
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgement of one job (or of a miner's pool)."""
+
+    passed: bool  # no rule failed
+    reasons: tuple[str, ...]  # human-readable, empty when passed (shown to the miner)
+    tokens: int  # tokens the statistics cover (0 when the scores could not be used)
+    disagreeing: int  # tokens with margin > margin_limit
+    sum_abs_dlogprob: float  # sum over tokens of |claimed - scored| (each capped)
+
+
+def structure_problems(claim: Claim) -> list[str]:
+    """What is wrong with the claim on its face, before any scoring; empty when nothing is."""
+    problems: list[str] = []
+    tokens, n = claim.token_ids, len(claim.token_ids)
+    if not claim.prompt_token_ids:
+        problems.append("the prompt is empty")
+    if n > claim.max_tokens:
+        problems.append(f"{n} tokens exceed max_tokens {claim.max_tokens}")
+    total = len(claim.prompt_token_ids) + n
+    if total > claim.context_length:
+        problems.append(
+            f"prompt plus completion ({total}) exceed the context {claim.context_length}"
+        )
+    outside = [t for t in tokens if not 0 <= t < claim.vocab_size]
+    if outside:
+        problems.append(
+            f"{len(outside)} token ids outside the vocabulary [0, {claim.vocab_size}),"
+            f" e.g. {outside[0]}"
+        )
+    early = [i for i, t in enumerate(tokens[:-1]) if t in claim.stop_token_ids]
+    if early:
+        problems.append(f"a stop token at position {early[0]}, before the end")
+    problems.extend(_finish_problems(claim, total))
+    if len(claim.logprobs) != n:
+        problems.append(f"{len(claim.logprobs)} claimed log-probabilities for {n} tokens")
+    bad = [i for i, lp in enumerate(claim.logprobs) if not (math.isfinite(lp) and lp <= 0.0)]
+    if bad:
+        value = claim.logprobs[bad[0]]
+        problems.append(
+            f"{len(bad)} claimed log-probabilities are not finite and <= 0,"
+            f" e.g. {value!r} at position {bad[0]}"
+        )
+    return problems
+
+
+def _finish_problems(claim: Claim, total: int) -> list[str]:
+    reason, n = claim.finish_reason, len(claim.token_ids)
+    ends_with_stop = n > 0 and claim.token_ids[-1] in claim.stop_token_ids
+    if reason not in FINISH_REASONS:
+        return [f"unknown finish reason {reason!r}"]
+    if reason == "stop" and not ends_with_stop:
+        return ["finish reason 'stop' without a stop token at the end"]
+    if reason == "length":
+        if ends_with_stop:
+            return ["finish reason 'length' after a stop token (it should be 'stop')"]
+        if n < claim.max_tokens and total < claim.context_length:
+            return [
+                f"finish reason 'length' after {n} tokens, with max_tokens {claim.max_tokens}"
+                " and room left in the context"
+            ]
+    # "cancelled" is the coordinator's own decision; a stop token may have crossed the cancel
+    # in flight, so it may end in one.
+    return []
+
+
+def judge_job(claim: Claim, scores: Scores, thresholds: Thresholds) -> Verdict:
+    """Judges one checked job: its structure, then the scorer's margins and log-probabilities."""
+    reasons = structure_problems(claim)
+    n = len(claim.token_ids)
+    if len(scores.logprobs) != n or len(scores.margins) != n:
+        reasons.append(
+            f"the scorer returned {len(scores.logprobs)} log-probabilities and"
+            f" {len(scores.margins)} margins for {n} tokens"
+        )
+        return _verdict(reasons, tokens=0, disagreeing=0, sum_abs=0.0)
+    if any(math.isnan(v) for v in (*scores.logprobs, *scores.margins)):
+        reasons.append("the scorer's log-probabilities or margins hold NaN")
+        return _verdict(reasons, tokens=0, disagreeing=0, sum_abs=0.0)
+
+    limit = thresholds.margin_limit
+    disagreeing = sum(1 for margin in scores.margins if margin > limit)
+    allowed = thresholds.disagreeing_allowance + thresholds.max_disagreeing_fraction * n
+    if disagreeing > allowed:
+        reasons.append(
+            f"{disagreeing} of {n} tokens disagree with the reference sampler (margin > {limit:g});"
+            f" at most {allowed:.2f} allowed"
+        )
+    if (
+        thresholds.stop_token_must_agree
+        and n > 0
+        and claim.token_ids[-1] in claim.stop_token_ids
+        and scores.margins[-1] > limit
+    ):
+        reasons.append(
+            f"the final stop token disagrees with the reference sampler"
+            f" (margin {scores.margins[-1]:.3g} > {limit:g})"
+        )
+    sum_abs = sum(
+        _abs_dlogprob(claimed, scored)
+        for claimed, scored in zip(claim.logprobs, scores.logprobs, strict=False)
+    )
+    allowed_sum = thresholds.dlogprob_allowance + thresholds.max_mean_abs_dlogprob * n
+    if n > 0 and sum_abs > allowed_sum:
+        reasons.append(
+            f"claimed log-probabilities are off by {sum_abs / n:.4f} per token on average;"
+            f" at most {allowed_sum / n:.4f} allowed for {n} tokens"
+        )
+    return _verdict(reasons, tokens=n, disagreeing=disagreeing, sum_abs=sum_abs)
+
+
+def _abs_dlogprob(claimed: float, scored: float) -> float:
+    difference = abs(claimed - scored)
+    # NaN (a non-finite claim, already a structure problem) counts as the cap, like inf.
+    return difference if difference <= DLOGPROB_CAP else DLOGPROB_CAP
+
+
+def _verdict(reasons: list[str], *, tokens: int, disagreeing: int, sum_abs: float) -> Verdict:
+    return Verdict(
+        passed=not reasons,
+        reasons=tuple(reasons),
+        tokens=tokens,
+        disagreeing=disagreeing,
+        sum_abs_dlogprob=sum_abs,
+    )
+
+
+@dataclass
+class PooledStats:
+    """Running statistics of one miner's checked jobs (keep one pool per scorer)."""
+
+    jobs: int = 0  # verdicts added
+    tokens: int = 0  # tokens they cover
+    disagreeing: int = 0  # of which disagreed
+    sum_abs_dlogprob: float = 0.0  # sum of |claimed - scored| over those tokens
+
+    def add(self, verdict: Verdict) -> None:
+        """Adds one job's verdict (a verdict without usable scores adds a job, no tokens)."""
+        self.jobs += 1
+        self.tokens += verdict.tokens
+        self.disagreeing += verdict.disagreeing
+        self.sum_abs_dlogprob += verdict.sum_abs_dlogprob
+
+    def verdict(self, thresholds: Thresholds) -> Verdict | None:
+        """The pool's verdict, or None while it covers fewer than ``pooled_min_tokens`` tokens."""
+        if self.tokens < thresholds.pooled_min_tokens:
+            return None
+        reasons: list[str] = []
+        mean = self.sum_abs_dlogprob / self.tokens
+        if mean > thresholds.pooled_max_mean_abs_dlogprob:
+            reasons.append(
+                f"over {self.jobs} checked jobs ({self.tokens} tokens) the claimed"
+                f" log-probabilities are off by {mean:.4f} per token on average;"
+                f" at most {thresholds.pooled_max_mean_abs_dlogprob:.4f} allowed"
+            )
+        fraction = self.disagreeing / self.tokens
+        if fraction > thresholds.pooled_max_disagreeing_fraction:
+            reasons.append(
+                f"over {self.jobs} checked jobs {self.disagreeing} of {self.tokens} tokens"
+                f" ({fraction:.2%}) disagree with the reference sampler;"
+                f" at most {thresholds.pooled_max_disagreeing_fraction:.2%} allowed"
+            )
+        if reasons:
+            logger.debug("pooled verdict failed: %s", "; ".join(reasons))
+        return _verdict(
+            reasons,
+            tokens=self.tokens,
+            disagreeing=self.disagreeing,
+            sum_abs=self.sum_abs_dlogprob,
+        )

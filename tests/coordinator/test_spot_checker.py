@@ -1,0 +1,281 @@
+"""The spot checker's decisions, with real sessions, a real ledger and a real trust store.
+
+Scorers are simulated at the session boundary (reading ``session.outbox`` and calling
+``session.deliver``, as the gRPC servicer does): each answers every ScoreJob with honest scores
+(the claimed logprobs, margins 0), damning ones (margins far above the limit), or nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+
+from coordinator.catalog import Catalog, CatalogEntry
+from coordinator.gateway.session import MinerSession
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.registry import MinerRegistry
+from coordinator.verification.checker import SpotChecker
+from coordinator.verification.penalties import Penalties
+from coordinator.verification.policy import VerificationConfig, check_rate, scoring_pay, selected
+from coordinator.verification.scoring import FinishedJob, Scoring
+from coordinator.verification.trust import TrustStore, recent_checks
+from ledger.interface import AccountKind, AccountRef
+from ledger.postgres import PostgresLedger
+from proto import miner_pb2
+from proto.signing import output_digest
+from tests.coordinator.core_fakes import make_job, make_session
+
+Behaviour = Callable[[miner_pb2.ScoreJob], miner_pb2.ScoreResult | None]
+BUYER = AccountRef(AccountKind.BUYER, "key-1")
+CLAIMED_LOGPROB = -0.75
+TOKENS = tuple(range(65, 65 + 24))  # printable bytes: no stop token among them
+
+
+def honest(score: miner_pb2.ScoreJob) -> miner_pb2.ScoreResult:
+    n = len(score.completion_token_ids)
+    return miner_pb2.ScoreResult(
+        score_id=score.score_id, logprobs=[CLAIMED_LOGPROB] * n, margins=[0.0] * n
+    )
+
+
+def damning(score: miner_pb2.ScoreJob) -> miner_pb2.ScoreResult:
+    n = len(score.completion_token_ids)
+    return miner_pb2.ScoreResult(
+        score_id=score.score_id, logprobs=[CLAIMED_LOGPROB - 3] * n, margins=[6.0] * n
+    )
+
+
+def silent(score: miner_pb2.ScoreJob) -> None:
+    return None
+
+
+@dataclass
+class Market:
+    ledger: PostgresLedger
+    trust: TrustStore
+    registry: MinerRegistry
+    checker: SpotChecker
+    metrics: CoordinatorMetrics
+    catalog: Catalog
+    pool: asyncpg.Pool[asyncpg.Record]
+    received: dict[str, list[miner_pb2.CoordinatorMessage]] = field(default_factory=dict)
+
+    async def miner(self, behaviour: Behaviour = honest) -> MinerSession:
+        session = make_session(self.catalog)
+        await self.ledger.open_account(AccountRef(AccountKind.MINER, session.miner_id))
+        self.registry.add(session)
+        inbox = self.received.setdefault(session.miner_id, [])
+        asyncio.get_running_loop().create_task(_answer(session, behaviour, inbox))
+        return session
+
+    async def settled_job(self, miner: MinerSession, entry: CatalogEntry) -> FinishedJob:
+        """A job ``miner`` ran and was paid for: 100 to the miner, 50 to the fee account (which
+        pays scorers)."""
+        job = make_job(entry, max_tokens=len(TOKENS))
+        hold = await self.ledger.hold(BUYER, 150, reference=bytes(32))
+        miner_account = AccountRef(AccountKind.MINER, miner.miner_id)
+        await self.ledger.settle(
+            hold, miner=miner_account, miner_credit=100, fee=50, reference=bytes(32)
+        )
+        return FinishedJob(
+            job=job,
+            miner_id=miner.miner_id,
+            device_name="test",
+            buyer=BUYER,
+            token_ids=TOKENS,
+            logprobs=(CLAIMED_LOGPROB,) * len(TOKENS),
+            finish_reason=miner_pb2.FINISH_REASON_LENGTH,
+            output_sha256=output_digest(TOKENS),
+            miner_credit=100,
+            fee=50,
+        )
+
+    async def balance(self, account: AccountRef) -> int:
+        return await self.ledger.balance(account)
+
+
+async def _answer(
+    session: MinerSession, behaviour: Behaviour, inbox: list[miner_pb2.CoordinatorMessage]
+) -> None:
+    while (message := await session.outbox.get()) is not None:
+        if message.WhichOneof("body") == "score":
+            result = behaviour(message.score)
+            if result is not None:
+                session.deliver(miner_pb2.MinerMessage(score_result=result))
+        else:
+            inbox.append(message)
+
+
+@pytest.fixture
+async def market(db_pool: asyncpg.Pool[asyncpg.Record], catalog: Catalog) -> AsyncIterator[Market]:
+    ledger = await PostgresLedger.create(db_pool)
+    trust = await TrustStore.create(db_pool)
+    registry = MinerRegistry()
+    metrics = CoordinatorMetrics()
+    config = VerificationConfig(score_timeout_s=0.5, probation_checks=3, floor=0.5)
+    checker = SpotChecker(
+        config,
+        catalog=catalog,
+        trust=trust,
+        scoring=Scoring(registry=registry, is_banned=trust.is_banned, timeout_s=0.5),
+        penalties=Penalties(
+            config, catalog=catalog, ledger=ledger, trust=trust, registry=registry, metrics=metrics
+        ),
+        metrics=metrics,
+    )
+    await ledger.open_account(BUYER)
+    await ledger.mint(BUYER, 10_000)
+    try:
+        yield Market(ledger, trust, registry, checker, metrics, catalog, db_pool)
+    finally:
+        for session in registry.sessions():
+            session.close("test over")
+        await ledger.aclose()
+
+
+async def notices(market: Market, session: MinerSession) -> list[miner_pb2.SlashNotice]:
+    await asyncio.sleep(0.05)  # let the simulated miner read its outbox
+    return [
+        message.slash_notice
+        for message in market.received[session.miner_id]
+        if message.WhichOneof("body") == "slash_notice"
+    ]
+
+
+async def test_a_passing_check_builds_trust_and_pays_the_scorer(
+    market: Market, entry: CatalogEntry
+) -> None:
+    miner, scorer = await market.miner(), await market.miner()
+    finished = await market.settled_job(miner, entry)
+    assert await market.checker.check(finished) == "passed"
+    record = market.trust.get(miner.miner_id)
+    assert (record.checks_run, record.checks_passed, record.consecutive_valid) == (1, 1, 1)
+    pay = scoring_pay(
+        len(finished.job.prompt_token_ids) + len(TOKENS),
+        input_price_per_mtok=entry.input_price_per_mtok,
+        pay_bps=10_000,
+    )
+    assert pay > 0
+    assert await market.balance(AccountRef(AccountKind.MINER, scorer.miner_id)) == pay
+    assert await market.balance(AccountRef(AccountKind.MINER, miner.miner_id)) == 100
+
+
+async def test_two_scorers_failing_a_job_refund_the_buyer_and_slash_the_miner(
+    market: Market, entry: CatalogEntry
+) -> None:
+    cheat = await market.miner()
+    await market.miner(damning)
+    await market.miner(damning)
+    first = await market.settled_job(cheat, entry)
+    second = await market.settled_job(cheat, entry)  # also unmatured: slashed too
+    buyer_before = await market.balance(BUYER)
+    assert await market.checker.check(first) == "confirmed"
+    assert await market.balance(BUYER) == buyer_before + 150  # everything it paid for the job
+    assert await market.balance(AccountRef(AccountKind.MINER, cheat.miner_id)) == 0
+    record = market.trust.get(cheat.miner_id)
+    assert (record.confirmed_failures, record.consecutive_valid, record.banned) == (1, 0, False)
+    assert "disagree" in record.last_failure or "margin" in record.last_failure
+    [notice] = await notices(market, cheat)
+    assert notice.job_id == first.job.job_id and notice.amount == 200 and not notice.banned
+    assert check_rate(record.consecutive_valid, VerificationConfig()) == 1.0
+    # A second confirmed failure bans the key and ends its session.
+    assert await market.checker.check(second) == "confirmed"
+    assert market.trust.is_banned(cheat.miner_id)
+    assert cheat.closed_reason is not None and cheat.closed_reason.startswith("banned")
+    # The first failure emptied the miner's account, so the fee account refunds what it holds:
+    # two settlements' fees minus two scorers' pay for the first check.
+    [row, first_row] = await recent_checks(market.pool, miner_id=cheat.miner_id)
+    assert (first_row.outcome, first_row.refunded, first_row.slashed) == ("confirmed", 150, 200)
+    pay = scoring_pay(
+        len(first.job.prompt_token_ids) + len(TOKENS),
+        input_price_per_mtok=entry.input_price_per_mtok,
+        pay_bps=10_000,
+    )
+    assert (row.outcome, row.refunded, row.slashed) == ("confirmed", 100 - 2 * pay, 0)
+
+
+async def test_one_failing_scorer_with_nobody_to_confirm_punishes_nobody(
+    market: Market, entry: CatalogEntry
+) -> None:
+    miner = await market.miner()
+    await market.miner(damning)
+    finished = await market.settled_job(miner, entry)
+    assert await market.checker.check(finished) == "failed"
+    assert await market.balance(AccountRef(AccountKind.MINER, miner.miner_id)) == 100
+    record = market.trust.get(miner.miner_id)
+    assert (record.checks_failed, record.confirmed_failures) == (1, 0)
+    assert record.consecutive_valid == 0  # its next jobs are all checked
+
+
+async def test_a_framing_scorer_outvoted_by_two_others_is_punished(
+    market: Market, entry: CatalogEntry
+) -> None:
+    miner = await market.miner()
+    framer = await market.miner(damning)
+    await market.miner(honest)
+    await market.miner(honest)
+    # Scorers are picked at random; in probation every pass is audited by a second scorer, so
+    # the framer meets the job within a few checks, first or second.
+    outcomes = set()
+    for _ in range(12):
+        finished = await market.settled_job(miner, entry)
+        outcomes.add(await market.checker.check(finished))
+        if market.trust.get(framer.miner_id).contradicted:
+            break
+    framer_record = market.trust.get(framer.miner_id)
+    assert framer_record.contradicted >= 1, outcomes
+    assert framer_record.confirmed_failures >= 1
+    assert market.trust.get(miner.miner_id).confirmed_failures == 0
+    assert await market.balance(AccountRef(AccountKind.MINER, miner.miner_id)) > 0
+
+
+async def test_scorers_that_do_not_answer_are_skipped(market: Market, entry: CatalogEntry) -> None:
+    miner = await market.miner()
+    await market.miner(silent)
+    finished = await market.settled_job(miner, entry)
+    assert await market.checker.check(finished) == "skipped"
+    assert market.trust.get(miner.miner_id).checks_run == 0
+
+
+async def test_submit_checks_a_new_identity_and_wait_idle_returns(
+    market: Market, entry: CatalogEntry
+) -> None:
+    miner = await market.miner()
+    await market.miner()
+    async with market.checker.running():
+        market.checker.submit(await market.settled_job(miner, entry))
+        async with asyncio.timeout(5):
+            await market.checker.wait_idle()
+    assert market.trust.get(miner.miner_id).checks_passed == 1
+
+
+# --- the policy -----------------------------------------------------------------------------
+
+
+def test_check_rate_is_full_in_probation_then_decays_to_the_floor() -> None:
+    config = VerificationConfig(probation_checks=10, floor=0.02)
+    assert [check_rate(n, config) for n in (0, 9)] == [1.0, 1.0]
+    assert check_rate(10, config) == pytest.approx(0.1)
+    assert check_rate(20, config) == pytest.approx(0.05)
+    assert check_rate(10_000, config) == 0.02
+
+
+def test_selection_is_keyed_and_close_to_the_rate() -> None:
+    key, other = b"k" * 32, b"o" * 32
+    picks = [selected(key, job_id=f"job-{i}", output_sha256=b"x", rate=0.1) for i in range(5000)]
+    assert 400 < sum(picks) < 600
+    other_picks = [
+        selected(other, job_id=f"job-{i}", output_sha256=b"x", rate=0.1) for i in range(5000)
+    ]
+    assert picks != other_picks  # without the key, a miner cannot predict which are checked
+    assert all(selected(key, job_id="j", output_sha256=b"", rate=1.0) for _ in range(3))
+
+
+def test_config_rejects_nonsense() -> None:
+    for bad in ({"floor": 0.0}, {"floor": 1.5}, {"window_s": -1.0}, {"bans_after": 0}):
+        with pytest.raises(ValueError):
+            VerificationConfig(**bad)  # type: ignore[arg-type]
