@@ -269,7 +269,8 @@ def _thresholds(table: object, fail: _Fail) -> Thresholds:
         if wanted is float and type(value) is int:
             value = float(value)
         if type(value) is not wanted:
-            raise fail(f"verification.{key}", f"must be a {wanted.__name__}, not {value!r}")
+            kind = {int: "an integer", float: "a number", bool: "true or false"}[wanted]
+            raise fail(f"verification.{key}", f"must be {kind}, not {value!r}")
         values[key] = value
     try:
         return Thresholds(**values)  # type: ignore[arg-type]

@@ -222,6 +222,8 @@ def run(work: Path, *, tiny: bool) -> None:
                 print(f"   miner {name.split(':', 1)[1][:16]}... credited: {_credits(gained)}")
         print(f"   operator fee: {_credits(after['fee'] - before['fee'])}")
         print(f"   all balances sum to {sum(after.values())} (double entry)")
+        print("\n== spot checks (each miner re-scores the other's jobs, paid from the fee)")
+        print(_spot_checks(data_dir, jobs=2))
     finally:
         print("\n== shutting down")
         for process in reversed(processes):
@@ -232,6 +234,21 @@ def run(work: Path, *, tiny: bool) -> None:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _spot_checks(data_dir: Path, *, jobs: int, timeout: float = 30.0) -> str:
+    """The operator's ``checks`` report, once the jobs' checks have been decided."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = subprocess.run(
+            [_tool("meshmint-coordinator"), "checks", "--data-dir", str(data_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        if report.count(" job-") >= jobs or time.monotonic() > deadline:
+            return report.rstrip()
+        time.sleep(0.5)
 
 
 def main() -> int:

@@ -25,6 +25,7 @@ from coordinator.catalog import (
     request_cost,
 )
 from coordinator.errors import ModelNotFoundError
+from coordinator.verification.judge import Thresholds
 from miner.test_model import create_test_model
 from proto.weights_digest import weights_sha256
 from tests.coordinator_text import qwen_style_dir
@@ -137,6 +138,20 @@ output_price_per_million = "0.000001"
     assert tiny.weights_sha256 == weights_sha256(model_dir)
     assert (tiny.input_price_per_mtok, tiny.output_price_per_mtok) == (2_000_000, 1)
     assert tiny.context_length == 512
+    assert tiny.verification == Thresholds()  # no [models.verification]: the calibrated defaults
+
+
+def test_toml_verification_thresholds_override_the_defaults(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "catalog.toml"
+    path.write_text(
+        GOOD_ENTRY.replace("MODEL", str(model_dir))
+        + "[models.verification]\nmax_mean_abs_dlogprob = 0.05\npooled_min_tokens = 100\n"
+    )
+    thresholds = load_catalog(path).get("m").verification
+    assert thresholds.max_mean_abs_dlogprob == 0.05 and thresholds.pooled_min_tokens == 100
+    assert thresholds.margin_limit == Thresholds().margin_limit
 
 
 GOOD_ENTRY = """
@@ -183,6 +198,19 @@ def edited(change: Callable[[str], str]) -> Callable[[Path], str]:
         (edited(lambda s: s + s), "models\\[1\\] \\('m'\\): name: listed twice"),
         (edited(lambda s: s.replace('path = "', 'path = "/absent')), "\\('m'\\): path: .*absent"),
         (edited(lambda s: s.replace('path = "', "path = 3 #")), "\\('m'\\): path: required"),
+        (edited(lambda s: s + "verification = 3\n"), "verification: must be a table"),
+        (
+            edited(lambda s: s + "[models.verification]\nmargin = 1.0\n"),
+            "verification.margin: unknown",
+        ),
+        (
+            edited(lambda s: s + "[models.verification]\npooled_min_tokens = 1.5\n"),
+            "verification.pooled_min_tokens: must be an integer",
+        ),
+        (
+            edited(lambda s: s + "[models.verification]\nmargin_limit = -1\n"),
+            "verification: margin_limit must be finite and >= 0",
+        ),
     ],
 )
 def test_toml_errors_name_file_entry_and_field(
