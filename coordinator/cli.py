@@ -17,6 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from coordinator.admin_report import keys_report, miners_report
 from coordinator.config import CatalogSource, CoordinatorConfig
 from coordinator.dispatch import DispatchConfig
 from coordinator.gateway.servicer import GatewayConfig
@@ -154,6 +155,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-spot-checks", action="store_true", help="never re-score miners' work (testing only)"
     )
 
+    miners = commands.add_parser("miners", help="connected miners: models, load, speed, trust")
+    storage(miners)
+
     checks = commands.add_parser("checks", help="spot-check results per miner identity")
     storage(checks)
     checks.add_argument("--miner", metavar="ID", help="also list this identity's recent checks")
@@ -168,6 +172,8 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--spend-limit", type=_price, metavar="CREDITS", help="most the key may ever spend"
     )
+    listing = key_commands.add_parser("list", help="list API keys with balances and limits")
+    storage(listing)
     revoke = key_commands.add_parser("revoke", help="revoke an API key")
     storage(revoke)
     revoke.add_argument("key_id")
@@ -257,6 +263,16 @@ async def _checks(args: argparse.Namespace) -> None:
         sys.stdout.write(await checks_report(pool, miner_id=args.miner, recent=args.recent))
 
 
+async def _miners(args: argparse.Namespace) -> None:
+    data_dir, database_url = _storage(args)
+    async with connect(database_url=database_url, data_dir=data_dir, max_size=2) as pool:
+        sys.stdout.write(await miners_report(pool))
+
+
+async def _list_keys(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:
+    return await keys_report(keys, ledger)
+
+
 def _config(args: argparse.Namespace) -> CoordinatorConfig:
     data_dir, database_url = _storage(args)
     if not 0 <= args.fee_bps <= 10_000:
@@ -309,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_serve(_config(args)))
         elif args.command == "checks":
             asyncio.run(_checks(args))
+        elif args.command == "miners":
+            asyncio.run(_miners(args))
         else:
             action = {
                 ("keys", "create"): _create_key,
+                ("keys", "list"): _list_keys,
                 ("keys", "revoke"): _revoke_key,
                 ("keys", "limit"): _limit_key,
                 ("credits", "add"): _add_credits,

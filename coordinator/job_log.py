@@ -7,6 +7,7 @@ each row is the reference of the job's ledger settlement.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -94,3 +95,50 @@ class JobLog:
             "SELECT COALESCE(sum(cost), 0) FROM coordinator_jobs WHERE key_id = $1", key_id
         )
         return int(value)
+
+    async def history(
+        self, key_id: str, *, limit: int, before: datetime | None = None
+    ) -> list[LoggedJob]:
+        """The key's newest jobs first, at most ``limit``, older than ``before`` when given."""
+        rows = await self._pool.fetch(
+            "SELECT job_id, model, prompt_tokens, completion_tokens, cost, finish_reason, "
+            "created_at FROM coordinator_jobs WHERE key_id = $1 "
+            "AND ($2::timestamptz IS NULL OR created_at < $2) "
+            "ORDER BY created_at DESC, job_id DESC LIMIT $3",
+            key_id,
+            before,
+            limit,
+        )
+        return [LoggedJob(**dict(row)) for row in rows]
+
+    async def totals(self, key_id: str) -> UsageTotals:
+        """What the key used over all its logged jobs."""
+        row = await self._pool.fetchrow(
+            "SELECT count(*) AS requests, COALESCE(sum(prompt_tokens), 0) AS prompt_tokens, "
+            "COALESCE(sum(completion_tokens), 0) AS completion_tokens, "
+            "COALESCE(sum(cost), 0) AS cost FROM coordinator_jobs WHERE key_id = $1",
+            key_id,
+        )
+        assert row is not None
+        return UsageTotals(**{name: int(value) for name, value in dict(row).items()})
+
+
+@dataclass(frozen=True)
+class LoggedJob:
+    """One job as a buyer's usage history shows it."""
+
+    job_id: str  # the coordinator's id; the completion id is "cmpl-" + the hex part
+    model: str  # catalog name
+    prompt_tokens: int  # counted by the coordinator
+    completion_tokens: int  # delivered to the buyer
+    cost: int  # micro-units charged
+    finish_reason: str | None  # "stop", "length", or None when the job did not finish
+    created_at: datetime  # when it was settled
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    requests: int  # logged jobs (requests that were billed or finished)
+    prompt_tokens: int  # their prompt tokens
+    completion_tokens: int  # their delivered completion tokens
+    cost: int  # micro-units charged in all

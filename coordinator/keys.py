@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -34,6 +35,17 @@ ALTER TABLE coordinator_api_keys ADD COLUMN IF NOT EXISTS spend_limit bigint;
 class NewKey:
     key_id: str  # public id; names the buyer's ledger account
     secret: str  # the bearer token; shown once, never stored
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """A key as the operator sees it (never its secret)."""
+
+    key_id: str  # public id
+    name: str  # the operator's label
+    created_at: datetime  # when it was issued
+    revoked_at: datetime | None  # when it was revoked; None while active
+    spend_limit: int | None  # micro-units it may spend in all; None: no limit
 
 
 def _digest(secret: str) -> bytes:
@@ -66,6 +78,14 @@ class KeyStore:
             spend_limit,
         )
         return key
+
+    async def list_keys(self) -> list[KeyInfo]:
+        """Every key, newest first."""
+        rows = await self._pool.fetch(
+            "SELECT key_id, name, created_at, revoked_at, spend_limit FROM coordinator_api_keys "
+            "ORDER BY created_at DESC, key_id"
+        )
+        return [KeyInfo(**dict(row)) for row in rows]
 
     async def revoke(self, key_id: str) -> bool:
         status = await self._pool.execute(

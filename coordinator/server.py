@@ -18,14 +18,17 @@ from coordinator.gateway.servicer import MinerGateway
 from coordinator.gateway.session import MinerSession
 from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
+from coordinator.http.usage_routes import add_usage_routes
 from coordinator.job_log import JobLog
 from coordinator.keys import KeyStore
 from coordinator.limits import RateLimiter
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.miner_snapshot import MinerSnapshots
 from coordinator.receipts import LedgerReceipts
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router
 from coordinator.service import MarketplaceService, miner_account
+from coordinator.usage import UsageService
 from coordinator.verification.checker import SpotChecker
 from coordinator.verification.penalties import Penalties
 from coordinator.verification.scoring import Scoring
@@ -151,6 +154,9 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             pool, origin=config.ledger_origin, verifier_key=signer.verifier_key
         )
         add_ledger_routes(app, published)
+        add_usage_routes(
+            app, auth=service, usage=UsageService(pool, keys=keys, ledger=ledger, jobs=job_log)
+        )
         runner = web.AppRunner(app)
         checkpoints = Checkpointer.running(
             pool,
@@ -166,7 +172,8 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             site = web.TCPSite(runner, config.http_host, config.http_port)
             await site.start()
             http_port = int(runner.addresses[0][1])
-            async with checkpoints, receipts.running(), checker.running():
+            snapshots = MinerSnapshots(pool, registry=registry, interval_s=2.0)
+            async with checkpoints, receipts.running(), checker.running(), snapshots.running():
                 # Fenced now: no other coordinator runs, so open holds belong to dead requests.
                 orphaned = await ledger.release_open_holds()
                 if orphaned:

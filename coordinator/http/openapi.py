@@ -189,6 +189,75 @@ OPENAPI: JsonSchema = {
                 },
             }
         },
+        "/v1/key": {
+            "get": {
+                "tags": ["buyer"],
+                "summary": "The key's balance, spend and spend limit (OpenRouter's /key shape)",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "data": {
+                                    "type": "object",
+                                    "properties": {
+                                        "key_id": {"type": "string"},
+                                        "label": {"type": "string"},
+                                        "usage": {"type": "number"},
+                                        "usage_micro": {"type": "integer"},
+                                        "limit": {"type": ["number", "null"]},
+                                        "limit_remaining": {"type": ["number", "null"]},
+                                        "balance": {"type": "number"},
+                                        "balance_micro": {"type": "integer"},
+                                        "refunded_micro": {"type": "integer"},
+                                        "requests": {"type": "integer"},
+                                        "prompt_tokens": {"type": "integer"},
+                                        "completion_tokens": {"type": "integer"},
+                                    },
+                                }
+                            },
+                        },
+                        "Amounts in credits, and exactly in micro-credits",
+                    ),
+                    "401": _BUYER_ERRORS["401"],
+                },
+            }
+        },
+        "/v1/usage": {
+            "get": {
+                "tags": ["buyer"],
+                "summary": "The key's requests, newest first, with tokens, cost and refunds",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                    },
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "description": "ISO 8601 time with offset: the next_before of a page",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "object": {"const": "list"},
+                                "data": {"type": "array", "items": {"type": "object"}},
+                                "has_more": {"type": "boolean"},
+                                "next_before": {"type": ["string", "null"]},
+                            },
+                        },
+                        "One page of requests",
+                    ),
+                    "400": _BUYER_ERRORS["400"],
+                    "401": _BUYER_ERRORS["401"],
+                },
+            }
+        },
         "/health": {
             "get": {
                 "security": [],

@@ -25,6 +25,7 @@ from coordinator.dispatch import DispatchConfig, Dispatcher
 from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.http.openapi import OPENAPI
+from coordinator.http.usage_routes import UsageReader, add_usage_routes
 from coordinator.job_log import JobLog
 from coordinator.keys import KeyStore
 from coordinator.metrics import CoordinatorMetrics
@@ -185,6 +186,7 @@ async def test_openapi_describes_every_route_of_the_app(
 ) -> None:
     app = create_app(FakeInferenceService())
     add_ledger_routes(app, cast(PublicLedger, object()))  # only registered, never called
+    add_usage_routes(app, auth=FakeInferenceService(), usage=cast(UsageReader, object()))
     registered = {
         (route.method, route.resource.canonical)
         for route in app.router.routes()

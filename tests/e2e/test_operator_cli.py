@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.harness import BIN, Process, _wait_for
+from tests.e2e.harness import BIN, Coordinator, Process, _wait_for
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -74,6 +75,11 @@ def test_keys_and_credits_on_the_embedded_database(
         )
         assert added.returncode == 0 and "3.500000" in added.stdout
         assert buyer_balances(data_dir) == {key_id.group(1): 3_500_000}
+        listed = run(str(coordinator), "keys", "list", "--data-dir", str(data_dir))
+        assert listed.returncode == 0, listed.stderr
+        [row] = [line for line in listed.stdout.splitlines() if key_id.group(1) in line]
+        assert "carol" in row and "active" in row and row.endswith("3.500000")
+        assert secret not in listed.stdout
 
         client = OpenAI(base_url=base_url, api_key=secret, max_retries=0)
         assert [m.id for m in client.models.list()] == ["tiny"]
@@ -88,6 +94,8 @@ def test_keys_and_credits_on_the_embedded_database(
             str(coordinator), "keys", "revoke", key_id.group(1), "--data-dir", str(data_dir)
         )
         assert again.returncode == 2 and "no active key" in again.stderr
+        listed = run(str(coordinator), "keys", "list", "--data-dir", str(data_dir))
+        assert "revoked" in listed.stdout
         unknown = run(
             str(coordinator), "credits", "add", "key_nope", "1", "--data-dir", str(data_dir)
         )
@@ -95,3 +103,26 @@ def test_keys_and_credits_on_the_embedded_database(
         assert popen.poll() is None, "admin commands must not disturb the running coordinator"
     finally:
         assert server.stop() == 0, server.output()[-2000:]
+
+
+def test_miners_lists_the_connected_miners_with_load_and_trust(marketplace: Coordinator) -> None:
+    deadline = time.monotonic() + 30
+    rows: list[str] = []
+    while time.monotonic() < deadline:
+        listed = run(
+            str(BIN / "meshmint-coordinator"),
+            "miners",
+            "--database-url",
+            marketplace.database_url,
+        )
+        assert listed.returncode == 0, listed.stderr
+        rows = [line for line in listed.stdout.splitlines() if " tiny " in line]
+        if len(rows) == 2:
+            break
+        time.sleep(0.5)
+    assert len(rows) == 2, rows
+    for row in rows:
+        fields = row.split()
+        assert re.fullmatch(r"[0-9a-f]{16}", fields[0])
+        assert re.search(r" \d+/2 ", row)  # load: jobs in flight / slots
+        assert row.endswith("serving")
