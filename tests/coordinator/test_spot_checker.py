@@ -8,6 +8,7 @@ Scorers are simulated at the session boundary (reading ``session.outbox`` and ca
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -51,6 +52,19 @@ def damning(score: miner_pb2.ScoreJob) -> miner_pb2.ScoreResult:
 
 def silent(score: miner_pb2.ScoreJob) -> None:
     return None
+
+
+def off_by(delta: float) -> Behaviour:
+    """What an honest scorer sees of a miner on slightly wrong weights: its claimed
+    log-probabilities are off by ``delta``, always, and it picks the right tokens."""
+
+    def answer(score: miner_pb2.ScoreJob) -> miner_pb2.ScoreResult:
+        n = len(score.completion_token_ids)
+        return miner_pb2.ScoreResult(
+            score_id=score.score_id, logprobs=[CLAIMED_LOGPROB - delta] * n, margins=[0.0] * n
+        )
+
+    return answer
 
 
 @dataclass
@@ -111,7 +125,12 @@ async def _answer(
 
 
 @pytest.fixture
-async def market(db_pool: asyncpg.Pool[asyncpg.Record], catalog: Catalog) -> AsyncIterator[Market]:
+async def market(
+    db_pool: asyncpg.Pool[asyncpg.Record], entry: CatalogEntry
+) -> AsyncIterator[Market]:
+    # Pools judge after two jobs' tokens, so pooled verdicts show within a short test.
+    thresholds = dataclasses.replace(entry.verification, pooled_min_tokens=2 * len(TOKENS))
+    catalog = Catalog([dataclasses.replace(entry, verification=thresholds)])
     ledger = await PostgresLedger.create(db_pool)
     trust = await TrustStore.create(db_pool)
     registry = MinerRegistry()
@@ -231,6 +250,27 @@ async def test_a_framing_scorer_outvoted_by_two_others_is_punished(
     assert framer_record.confirmed_failures >= 1
     assert market.trust.get(miner.miner_id).confirmed_failures == 0
     assert await market.balance(AccountRef(AccountKind.MINER, miner.miner_id)) > 0
+
+
+async def test_two_scorers_pools_failing_confirm_a_subtle_cheat(
+    market: Market, entry: CatalogEntry
+) -> None:
+    limits = entry.verification
+    per_job = limits.dlogprob_allowance / len(TOKENS) + limits.max_mean_abs_dlogprob
+    pooled = limits.pooled_max_mean_abs_dlogprob
+    assert pooled < per_job  # else no cheat could pass a job yet fail the pool
+    miner = await market.miner()
+    await market.miner(off_by((pooled + per_job) / 2))
+    await market.miner(off_by((pooled + per_job) / 2))
+    first = await market.settled_job(miner, entry)
+    assert await market.checker.check(first) == "passed"  # one job says nothing yet
+    record = market.trust.get(miner.miner_id)
+    assert len(record.pools) == 2  # probation: every pass was audited by a second scorer
+    second = await market.settled_job(miner, entry)
+    assert await market.checker.check(second) == "confirmed"
+    record = market.trust.get(miner.miner_id)
+    assert record.confirmed_failures == 1 and "pooled" in record.last_failure
+    assert record.pools == {}  # punished: the statistics start again
 
 
 async def test_scorers_that_do_not_answer_are_skipped(market: Market, entry: CatalogEntry) -> None:
