@@ -7,14 +7,19 @@ gRPC or the ledger.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal, Protocol
 
+from coordinator.errors import LimitKind, RateLimitState
 from ledger.public import BalanceSnapshot
 
 FinishReason = Literal["stop", "length"]
+
+ProviderSort = Literal["price", "throughput", "latency"]
+"""OpenRouter's ``provider.sort``: lowest price, highest tokens/s, lowest time to first token."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,29 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class ProviderPreferences:
+    """OpenRouter's ``provider`` object: how the buyer wants its miner chosen."""
+
+    sort: ProviderSort | None = None  # None: the default balance of free capacity, speed, trust
+    # Most the buyer will pay, in credits per million tokens; None: no cap.
+    max_prompt_price: Decimal | None = None  # max_price.prompt
+    max_completion_price: Decimal | None = None  # max_price.completion
+    allow_fallbacks: bool = True  # False: a miner failing before its first token is a 503
+
+    def over_max_price(self, *, prompt: Decimal, completion: Decimal) -> list[str]:
+        """What ``max_price`` refuses of a model priced ``prompt`` and ``completion`` credits per
+        million tokens, as readable reasons; empty when the model is within the caps."""
+        reasons = []
+        if self.max_prompt_price is not None and prompt > self.max_prompt_price:
+            reasons.append(f"prompt costs {prompt.normalize():f} > {self.max_prompt_price:f}")
+        if self.max_completion_price is not None and completion > self.max_completion_price:
+            reasons.append(
+                f"completion costs {completion.normalize():f} > {self.max_completion_price:f}"
+            )
+        return reasons
+
+
+@dataclass(frozen=True)
 class CompletionRequest:
     """A validated request; exactly one of ``messages`` (chat) and ``prompt`` is set."""
 
@@ -43,6 +71,7 @@ class CompletionRequest:
     top_p: float  # in (0, 1]
     seed: int | None  # None: the coordinator picks one
     stop: tuple[str, ...] = ()  # output ends just before the first of these strings (at most 4)
+    provider: ProviderPreferences = ProviderPreferences()  # routing preferences
 
 
 @dataclass(frozen=True)
@@ -106,6 +135,9 @@ class Completion(Protocol):
     model: str  # catalog name
     created: int  # unix time
     prompt_tokens: int  # counted by the coordinator
+    # The key's per-minute limits right after this request was admitted (empty: no limits), for
+    # OpenAI's x-ratelimit-* headers on the response.
+    rate_limits: Mapping[LimitKind, RateLimitState]
 
     def __aiter__(self) -> AsyncIterator[TextDelta]: ...
 

@@ -116,6 +116,20 @@ def _parser() -> argparse.ArgumentParser:
         help="skip a miner that produces no token within this time (default 60)",
     )
     serve.add_argument(
+        "--queue-wait",
+        type=float,
+        default=DispatchConfig.queue_wait_s,
+        metavar="SECONDS",
+        help="longest wait for a busy model's free miner, 0 = none (default %(default)g)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=DispatchConfig.max_queue,
+        metavar="N",
+        help="requests that may wait per model; more are refused with 503 (default %(default)s)",
+    )
+    serve.add_argument(
         "--rpm",
         type=int,
         default=LimitsConfig.requests_per_minute,
@@ -279,6 +293,8 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         raise UsageError("--fee-bps must be between 0 and 10000")
     if args.rpm < 0 or args.tpm < 0:
         raise UsageError("--rpm and --tpm must be 0 (unlimited) or more")
+    if not args.queue_wait >= 0 or args.max_queue < 0:
+        raise UsageError("--queue-wait and --max-queue must be 0 or more")
     if not args.heartbeat_interval > 0:
         raise UsageError("--heartbeat-interval must be positive")
     if not 0 < args.spot_check_floor <= 1:
@@ -299,7 +315,11 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         grpc_host=args.grpc[0],
         grpc_port=args.grpc[1],
         gateway=GatewayConfig(heartbeat_interval_s=args.heartbeat_interval),
-        dispatch=DispatchConfig(first_token_timeout_s=args.first_token_timeout),
+        dispatch=DispatchConfig(
+            first_token_timeout_s=args.first_token_timeout,
+            queue_wait_s=args.queue_wait,
+            max_queue=args.max_queue,
+        ),
         billing=BillingConfig(fee_bps=args.fee_bps),
         limits=LimitsConfig(requests_per_minute=args.rpm, tokens_per_minute=args.tpm),
         ledger_key_path=args.ledger_key,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -29,7 +29,7 @@ from coordinator.api import FinishReason, TextDelta, TokenLogprob, Usage
 from coordinator.catalog import CatalogEntry, request_cost
 from coordinator.detokenizer import IncrementalDetokenizer
 from coordinator.dispatch import MinerRun
-from coordinator.errors import UpstreamError
+from coordinator.errors import LimitKind, RateLimitState, UpstreamError
 from coordinator.stop import StopMatcher
 from proto import miner_pb2
 from proto.signing import output_digest, receipt_message, request_digest
@@ -79,6 +79,7 @@ class RunningCompletion:
         self.delivered_ids: list[int] = []
         self.received_ids: list[int] = []  # every token the miner streamed, delivered or not
         self.received_logprobs: list[float] = []  # the miner's claimed logprob of each of them
+        self.rate_limits: Mapping[LimitKind, RateLimitState] = {}  # set by the service
         self.stopped = False  # a stop string ended the output
         self.verified: VerifiedResult | None = None
         self.misbehaved = False

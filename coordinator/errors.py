@@ -6,6 +6,7 @@ CoordinatorError
 │   ├── InvalidRequestError        malformed body or parameter (400)
 │   │   └── ContextLengthError     prompt (+ max_tokens) longer than the model's context (400)
 │   ├── ModelNotFoundError         no such model in the catalog (404)
+│   │   └── NoMatchingEndpointError  the model exists, but no miner meets provider.max_price (404)
 │   ├── InsufficientCreditsError   the balance does not cover the request's maximum cost (402)
 │   ├── RateLimitedError           the key's requests or tokens per minute are spent (429)
 │   └── SpendLimitError            the request could push the key past its spend limit (429)
@@ -48,6 +49,10 @@ class ContextLengthError(InvalidRequestError):
 
 class ModelNotFoundError(RequestError):
     """No model of that name in the catalog."""
+
+
+class NoMatchingEndpointError(ModelNotFoundError):
+    """The buyer's ``provider`` preferences (``max_price``) exclude every miner of the model."""
 
 
 class InsufficientCreditsError(RequestError):

@@ -13,8 +13,9 @@ Metrics (all prefixed ``meshmint_``):
 - ``http_requests_total{endpoint,status}`` — every HTTP response by route template and status
   class (``2xx``, ``4xx``, ``5xx``); a stream that fails after its 200 counts as ``2xx``;
 - ``miners_connected{model}`` — computed at scrape time from the live sessions;
-- ``queue_depth`` — requests waiting for a miner; always 0 today: a request with no free miner
-  is refused with 503 at once, nothing queues;
+- ``queue_depth`` — requests waiting for a free miner slot right now, all models together: one
+  unlabelled gauge set by the dispatcher's queue, because what an operator alerts on is that
+  anything waits at all (a model short of miners shows in ``miners_connected``);
 - ``spot_checks_total{miner,outcome}`` — spot checks of each miner's jobs (miner: the first 16
   hex digits of its key) by outcome: ``run``, ``passed``, ``failed`` (a scorer failed it),
   ``confirmed`` (two scorers failed it: slashed), ``disputed`` (scorers disagreed and no third
@@ -105,7 +106,7 @@ class CoordinatorMetrics:
         )
         self.queue_depth = Gauge(
             "meshmint_queue_depth",
-            "Requests waiting for a miner (always 0: nothing queues, a busy market answers 503)",
+            "Requests waiting for a free miner slot, all models together",
             registry=self.registry,
         )
         self.spot_checks = Counter(

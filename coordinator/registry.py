@@ -1,12 +1,16 @@
-"""The miners connected right now, by identity and by the models they serve."""
+"""The connected miners, by identity and by the models they serve."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from coordinator.gateway.session import MinerSession
 
 logger = logging.getLogger(__name__)
+
+CapacityListener = Callable[[MinerSession], None]
+"""Told of a session that may have a free slot now: it joined, or one of its jobs ended."""
 
 
 class MinerRegistry:
@@ -14,6 +18,12 @@ class MinerRegistry:
 
     def __init__(self) -> None:
         self._sessions: dict[str, MinerSession] = {}
+        self._listeners: list[CapacityListener] = []
+
+    def watch_capacity(self, listener: CapacityListener) -> None:
+        """Calls ``listener`` whenever a session joins or frees a job slot (the dispatcher's
+        queue waits on this)."""
+        self._listeners.append(listener)
 
     def add(self, session: MinerSession) -> None:
         previous = self._sessions.get(session.miner_id)
@@ -22,10 +32,13 @@ class MinerRegistry:
             # faster than eviction). Its jobs fail over like any lost miner's.
             previous.close("replaced by a newer connection of the same miner")
         self._sessions[session.miner_id] = session
+        session.on_slot_freed = self._capacity
+        self._capacity(session)
 
     def remove(self, session: MinerSession) -> None:
         if self._sessions.get(session.miner_id) is session:
             del self._sessions[session.miner_id]
+            session.on_slot_freed = None
 
     def get(self, miner_id: str) -> MinerSession | None:
         """The identity's live session, if it is connected."""
@@ -45,3 +58,9 @@ class MinerRegistry:
     def available(self, model: str) -> list[MinerSession]:
         """Sessions that can take a job for ``model`` now."""
         return [session for session in self._sessions.values() if session.accepts(model)]
+
+    def _capacity(self, session: MinerSession) -> None:
+        if session.closed_reason is not None or session.draining:
+            return
+        for listener in self._listeners:
+            listener(session)

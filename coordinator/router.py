@@ -1,29 +1,141 @@
-"""Choosing the miner for a job.
+"""Choosing the miner for a job: free capacity, measured speed and spot-check trust.
 
-Today: the least loaded miner (fewest jobs per slot), ties broken at random so load spreads.
-Speed, trust and price come into the choice when miners are measured and spot-checked.
+Every candidate (a miner of the model with a free slot, not tried yet for this job, trust above
+zero) gets a score, and one is drawn at random with probability proportional to it:
+
+    default:             score = trust x (free_share x speed) ** SHARPNESS
+    sort="latency":      score = trust x ttft_rel ** SORT_SHARPNESS
+    sort="throughput":   score = trust x rate_rel ** SORT_SHARPNESS
+    sort="price":        the default (below)
+
+- ``free_share`` = free slots / slots: load spreads by the share of each miner's capacity in
+  use, so a big miner takes more jobs than a small one.
+- ``ttft_rel`` = the best time to first token among the candidates / this miner's, and
+  ``rate_rel`` = this miner's decode tokens/s / the best; both in (0, 1], from the moving
+  averages of :mod:`coordinator.speed`. ``speed`` = sqrt(ttft_rel x rate_rel). A miner not yet
+  measured counts as the best candidate (an optimistic prior): new miners get jobs, and so get
+  measured.
+- ``trust`` in [0, 1] comes from spot checks (:func:`trust_from_record`); 0 (banned) is never
+  chosen. It scales a miner's share linearly, not sharply: spot checks, not routing, are the
+  defence against cheats, and a miner whose last check failed must still get the jobs that
+  clear or condemn it (every one of them is checked, and refunded if it fails).
+- SHARPNESS = 4 makes clear differences decisive and near-equal miners share: an idle miner
+  against one with half its slots busy wins 16 to 1; two miners within 5% split about 55/45.
+  A miner half as fast (in both figures) gets about 1/16 of the other's share while both are
+  idle, which keeps its figures fresh; once the fast one fills up, free capacity takes over.
+- A ``sort`` asks for the best by one figure regardless of load (any free slot will do), but
+  still at random among near-equal ones (SORT_SHARPNESS = 16: within 5%, about 70/30).
+- Price: every miner of a model sells at the catalog price in this marketplace, so
+  ``sort="price"`` has nothing to sort by and falls back to the default; ``max_price`` is
+  checked once per request by the service, against the catalog.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
+from coordinator.api import ProviderSort
 from coordinator.gateway.session import MinerSession
+from coordinator.verification.trust import TrustRecord
+
+SHARPNESS = 4
+"""Exponent of the default score: how strongly free capacity and speed decide."""
+
+SORT_SHARPNESS = 16
+"""Exponent under ``provider.sort``: nearly strict, still random among near-equal miners."""
+
+LAST_CHECK_FAILED_TRUST = 0.5
+"""Trust of a miner whose latest spot check failed (unconfirmed, or confirmed and not banned)."""
+
+_MIN_TTFT_S = 1e-3  # below a millisecond differences are noise; also keeps ratios finite
+
+Trust = Callable[[str], float]
+"""Miner id -> trust in [0, 1]."""
+
+
+def full_trust(miner_id: str) -> float:
+    """Every miner fully trusted (no spot-check records: tests, or checks turned off)."""
+    return 1.0
+
+
+def trust_from_record(record: TrustRecord) -> float:
+    """A spot-check record as a routing trust.
+
+    Banned: 0, never chosen. Latest check failed (no valid check since a failure): 0.5.
+    Otherwise 1, including identities never checked yet: a new miner is not starved (all its
+    first jobs are checked anyway).
+    """
+    if record.banned:
+        return 0.0
+    if record.consecutive_valid == 0 and record.checks_failed > 0:
+        return LAST_CHECK_FAILED_TRUST
+    return 1.0
 
 
 class Router:
-    """Picks a miner among candidates."""
+    """Picks a miner among candidates (see the module docstring for the score)."""
 
-    def __init__(self, *, rng: random.Random | None = None) -> None:
+    def __init__(self, *, rng: random.Random | None = None, trust: Trust = full_trust) -> None:
         self._rng = rng or random.Random()
+        self._trust = trust
 
     def pick(
-        self, candidates: Sequence[MinerSession], *, exclude: Collection[str] = ()
+        self,
+        candidates: Sequence[MinerSession],
+        *,
+        exclude: Collection[str] = (),
+        sort: ProviderSort | None = None,
     ) -> MinerSession | None:
-        eligible = [s for s in candidates if s.miner_id not in exclude and s.free_slots > 0]
-        if not eligible:
+        """A miner drawn by score; None when no candidate has a free slot and trust."""
+        scored = self.scores(candidates, exclude=exclude, sort=sort)
+        if not scored:
             return None
-        least = min(s.active_jobs / s.max_concurrency for s in eligible)
-        best = [s for s in eligible if s.active_jobs / s.max_concurrency == least]
-        return self._rng.choice(best)
+        sessions = [session for session, _ in scored]
+        weights = [score for _, score in scored]
+        if not sum(weights) > 0:
+            # Scores can underflow to 0 only in absurd spreads of speed; stay available.
+            return self._rng.choice(sessions)
+        return self._rng.choices(sessions, weights)[0]
+
+    def scores(
+        self,
+        candidates: Sequence[MinerSession],
+        *,
+        exclude: Collection[str] = (),
+        sort: ProviderSort | None = None,
+    ) -> list[tuple[MinerSession, float]]:
+        """The eligible candidates with their scores (unnormalized), in candidate order."""
+        eligible: list[tuple[MinerSession, float]] = []
+        for session in candidates:
+            if session.miner_id in exclude or session.free_slots <= 0:
+                continue
+            trust = min(1.0, max(0.0, self._trust(session.miner_id)))
+            if trust > 0:
+                eligible.append((session, trust))
+        if not eligible:
+            return []
+        ttfts = [_ttft(session) for session, _ in eligible]
+        rates = [session.speed.tokens_per_s for session, _ in eligible]
+        best_ttft = min((t for t in ttfts if t is not None), default=None)
+        best_rate = max((r for r in rates if r is not None), default=None)
+        scored = []
+        for (session, trust), ttft, rate in zip(eligible, ttfts, rates, strict=True):
+            ttft_rel = best_ttft / ttft if best_ttft is not None and ttft is not None else 1.0
+            rate_rel = rate / best_rate if best_rate and rate is not None else 1.0
+            if sort == "latency":
+                score = trust * ttft_rel**SORT_SHARPNESS
+            elif sort == "throughput":
+                score = trust * rate_rel**SORT_SHARPNESS
+            else:
+                free_share = session.free_slots / session.max_concurrency
+                speed = math.sqrt(ttft_rel * rate_rel)
+                score = trust * (free_share * speed) ** SHARPNESS
+            scored.append((session, score))
+        return scored
+
+
+def _ttft(session: MinerSession) -> float | None:
+    ttft = session.speed.ttft_s
+    return None if ttft is None else max(ttft, _MIN_TTFT_S)

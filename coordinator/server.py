@@ -26,7 +26,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.miner_snapshot import MinerSnapshots
 from coordinator.receipts import LedgerReceipts
 from coordinator.registry import MinerRegistry
-from coordinator.router import Router
+from coordinator.router import Router, trust_from_record
 from coordinator.service import MarketplaceService, miner_account
 from coordinator.usage import UsageService
 from coordinator.verification.checker import SpotChecker
@@ -88,8 +88,9 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         metrics = CoordinatorMetrics(
             miner_counts=lambda: {name: len(registry.serving(name)) for name in catalog.names()}
         )
-        dispatcher = Dispatcher(config.dispatch, registry=registry, router=Router())
         trust = await TrustStore.create(pool)
+        router = Router(trust=lambda miner_id: trust_from_record(trust.get(miner_id)))
+        dispatcher = Dispatcher(config.dispatch, registry=registry, router=router, metrics=metrics)
         checker = SpotChecker(
             config.verification,
             catalog=catalog,

@@ -9,6 +9,12 @@ Billing rules (docs/architecture.md, "Billing"):
 - a completion cut at a stop string is billed through the token that completed the stop string;
 - the operator's fee is floor(cost x fee_bps / 10000); the miner is credited the rest;
 - per-key rate and spend limits are checked before the hold; a refused request costs nothing.
+
+Routing preferences (OpenRouter's ``provider`` object): ``sort`` and ``allow_fallbacks`` go to the
+dispatcher. ``max_price`` is checked against the catalog before anything is held: every miner of a
+model sells at its catalog price, so a cap below it matches no miner and the request is refused
+the way OpenRouter refuses a request no endpoint matches: NoMatchingEndpointError (404), message
+"No endpoints found matching your max price ...".
 """
 
 from __future__ import annotations
@@ -22,8 +28,16 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 
-from coordinator.api import Buyer, CompletionRequest, ModelCard, Readiness, TextDelta
+from coordinator.api import (
+    Buyer,
+    CompletionRequest,
+    ModelCard,
+    ProviderPreferences,
+    Readiness,
+    TextDelta,
+)
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import RunningCompletion
 from coordinator.dispatch import Dispatcher
@@ -31,6 +45,7 @@ from coordinator.errors import (
     ContextLengthError,
     InsufficientCreditsError,
     InvalidRequestError,
+    NoMatchingEndpointError,
     NoMinerAvailableError,
 )
 from coordinator.job_log import JobLog, JobRecord
@@ -62,6 +77,19 @@ def _prompt_chars(request: CompletionRequest) -> int:
     if request.messages is not None:
         return sum(len(message.content) for message in request.messages)
     return len(request.prompt or "")
+
+
+def _check_max_price(entry: CatalogEntry, provider: ProviderPreferences) -> None:
+    """Refuses a request whose ``provider.max_price`` is below the model's catalog price."""
+    too_dear = provider.over_max_price(
+        prompt=Decimal(entry.input_price_per_mtok).scaleb(-6),
+        completion=Decimal(entry.output_price_per_mtok).scaleb(-6),
+    )
+    if too_dear:
+        raise NoMatchingEndpointError(
+            f"No endpoints found matching your max price for model '{entry.name}' "
+            f"(credits per million tokens: {'; '.join(too_dear)})"
+        )
 
 
 def buyer_account(buyer: Buyer) -> AccountRef:
@@ -156,6 +184,7 @@ class MarketplaceService:
         self, buyer: Buyer, request: CompletionRequest
     ) -> AsyncIterator[RunningCompletion]:
         entry = self._catalog.get(request.model)
+        _check_max_price(entry, request.provider)
         timer = self._metrics.request(entry.name)
         if _prompt_chars(request) > _INLINE_TOKENIZE_CHARS:
             prompt_ids = await asyncio.to_thread(self._tokenize, entry, request)
@@ -194,7 +223,11 @@ class MarketplaceService:
             raise
         completion: _TimedCompletion | None = None
         try:
-            run = await self._dispatcher.start(job)
+            run = await self._dispatcher.start(
+                job,
+                sort=request.provider.sort,
+                allow_fallbacks=request.provider.allow_fallbacks,
+            )
             completion = _TimedCompletion(
                 completion_id=f"cmpl-{job.job_id.removeprefix('job-')}",
                 created=int(time.time()),
@@ -204,6 +237,8 @@ class MarketplaceService:
                 stop=request.stop,
             )
             completion.timer = timer
+            if reservation is not None:
+                completion.rate_limits = reservation.states
             yield completion
         finally:
             # Shielded: a buyer who disconnects cancels the request, never the settlement.

@@ -3,6 +3,10 @@
 The gRPC servicer owns the stream; the session is what the rest of the coordinator sees. Events
 for a job (token chunks, the result, a failure, or the loss of the miner) are queued per job so
 that the dispatcher can wait on exactly the job it started.
+
+The session also measures the miner's speed as its messages arrive (``speed``, see
+:mod:`coordinator.speed`) and tells ``on_slot_freed`` whenever a job slot frees, so that requests
+queued for a busy model can be woken.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from coordinator.speed import MinerSpeed
 from proto import miner_pb2
 from proto.limits import MAX_TOKENS_PER_CHUNK
 
@@ -45,6 +50,11 @@ class JobChannel:
         self.tokens_received = 0
         self.finished = False
         self.stopped = False  # a stop token arrived: nothing may follow it
+        # Arrival times for the miner's speed: the job queued, its first and its latest chunk.
+        self.sent_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.first_chunk_tokens = 0
         self._stop_ids = frozenset(job.sampling.stop_token_ids)
         self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
 
@@ -90,6 +100,10 @@ class MinerSession:
         self.last_seen = time.monotonic()
         self.draining = False
         self.closed_reason: str | None = None
+        self.speed = MinerSpeed()  # measured on arrival of its tokens, never from its claims
+        # Told whenever a job slot frees (a result, a failure, an abandoned job); the registry
+        # sets it so that requests queued for a busy model can be woken.
+        self.on_slot_freed: Callable[[MinerSession], None] | None = None
         self._vocab_sizes = dict(vocab_sizes)
         self._on_witness_message = on_witness_message
         self._jobs: dict[str, JobChannel] = {}
@@ -135,8 +149,10 @@ class MinerSession:
     def abandon_job(self, job_id: str) -> None:
         """Cancels a job and frees its slot now; late messages for it are ignored."""
         self.cancel_job(job_id)
-        if self._jobs.pop(job_id, None) is not None and len(self._abandoned) < _MAX_ABANDONED:
-            self._abandoned.add(job_id)
+        if self._jobs.pop(job_id, None) is not None:
+            if len(self._abandoned) < _MAX_ABANDONED:
+                self._abandoned.add(job_id)
+            self._slot_freed()
 
     def start_score(self, score: miner_pb2.ScoreJob) -> asyncio.Future[miner_pb2.ScoreResult]:
         """Sends a score job; the future resolves with the result, or fails with
@@ -188,7 +204,10 @@ class MinerSession:
                 return f"{kind} for unknown job {event.job_id!r}"
             channel.finished = True
             self._jobs.pop(event.job_id, None)
+            if kind == "result":
+                self._measure_decode(channel)
             channel.put(event)
+            self._slot_freed()
             return None
         return f"unexpected {kind or 'empty'} message after the handshake"
 
@@ -207,8 +226,25 @@ class MinerSession:
             return f"token id outside the vocabulary of {channel.job.model} ({vocab_size})"
         violation = channel.accept_tokens(chunk.token_ids)
         if violation is None:
+            now = time.monotonic()
+            if channel.first_token_at is None:
+                channel.first_token_at = now
+                channel.first_chunk_tokens = len(chunk.token_ids)
+                self.speed.first_token(now - channel.sent_at)
+            channel.last_token_at = now
             channel.put(chunk)
         return violation
+
+    def _measure_decode(self, channel: JobChannel) -> None:
+        if channel.first_token_at is not None and channel.last_token_at is not None:
+            self.speed.decoded(
+                channel.tokens_received - channel.first_chunk_tokens,
+                channel.last_token_at - channel.first_token_at,
+            )
+
+    def _slot_freed(self) -> None:
+        if self.on_slot_freed is not None:
+            self.on_slot_freed(self)
 
     def _deliver_score(self, result: miner_pb2.ScoreResult) -> str | None:
         if result.score_id in self._expired_scores:

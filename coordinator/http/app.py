@@ -30,12 +30,14 @@ from coordinator.errors import (
     InvalidRequestError,
     ModelNotFoundError,
 )
+from coordinator.http.disconnect import ClientGone, entered_unless_gone
 from coordinator.http.errors import (
     HttpError,
     compact_json,
     http_error_for,
     http_error_for_status,
     internal_error,
+    rate_limit_headers,
 )
 from coordinator.http.openapi import OPENAPI
 from coordinator.http.protocol import (
@@ -56,6 +58,8 @@ logger = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "x-request-id"
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# nginx's status for a client that closed its connection before the answer (nobody reads it).
+CLIENT_CLOSED_REQUEST = 499
 """Largest request body accepted; a ~1M-token prompt of plain text fits."""
 
 # A client's own id is echoed only when it is safe to put back into a header and a log line.
@@ -205,10 +209,25 @@ class _Api:
         completion_request: CompletionRequest,
         options: StreamOptions,
     ) -> web.StreamResponse:
+        try:
+            return await self._answer(request, endpoint, buyer, completion_request, options)
+        except ClientGone:
+            logger.info("request %s: the client left before its answer began", current_request_id())
+            return web.Response(status=CLIENT_CLOSED_REQUEST)
+
+    async def _answer(
+        self,
+        request: web.Request,
+        endpoint: Endpoint,
+        buyer: Buyer,
+        completion_request: CompletionRequest,
+        options: StreamOptions,
+    ) -> web.StreamResponse:
         if options.stream:
             return await self._stream(request, endpoint, buyer, completion_request, options)
         deltas: list[TextDelta] = []
-        async with self._service.complete(buyer, completion_request) as completion:
+        opened = self._service.complete(buyer, completion_request)
+        async with entered_unless_gone(request, opened) as completion:
             async for delta in completion:
                 # Nothing is written until the end, so a client that left is noticed only here,
                 # at each token: leaving the context then cancels the job on the miner.
@@ -230,7 +249,9 @@ class _Api:
             usage=completion.usage,
             logprobs=[t for delta in deltas for t in delta.tokens] if options.logprobs else None,
         )
-        return web.json_response(body, dumps=compact_json)
+        return web.json_response(
+            body, dumps=compact_json, headers=rate_limit_headers(completion.rate_limits)
+        )
 
     async def _stream(
         self,
@@ -244,7 +265,9 @@ class _Api:
         response = web.StreamResponse(headers={**STREAM_HEADERS, REQUEST_ID_HEADER: request_id})
         sse = SseWriter(response)
         try:
-            async with self._service.complete(buyer, completion_request) as completion:
+            opened = self._service.complete(buyer, completion_request)
+            async with entered_unless_gone(request, opened) as completion:
+                response.headers.update(rate_limit_headers(completion.rate_limits))
                 chunks = ChunkShape(
                     endpoint=endpoint,
                     completion_id=completion.id,

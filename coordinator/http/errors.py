@@ -25,9 +25,12 @@ from coordinator.errors import (
     CoordinatorError,
     InsufficientCreditsError,
     InvalidRequestError,
+    LimitKind,
     ModelNotFoundError,
+    NoMatchingEndpointError,
     NoMinerAvailableError,
     RateLimitedError,
+    RateLimitState,
     RequestError,
     SpendLimitError,
     UpstreamError,
@@ -79,6 +82,10 @@ def http_error_for(exc: CoordinatorError) -> HttpError:
         )
     if isinstance(exc, InvalidRequestError):
         return HttpError(400, message, INVALID_REQUEST, param=exc.param)
+    if isinstance(exc, NoMatchingEndpointError):
+        return HttpError(
+            404, message, INVALID_REQUEST, code="no_endpoints_found", param="provider.max_price"
+        )
     if isinstance(exc, ModelNotFoundError):
         return HttpError(404, message, INVALID_REQUEST, code="model_not_found", param="model")
     if isinstance(exc, InsufficientCreditsError):
@@ -115,7 +122,13 @@ def _rate(exc: RateLimitedError) -> dict[str, str]:
         "Retry-After": str(max(1, math.ceil(exc.retry_after_s))),
         "retry-after-ms": str(max(1, math.ceil(exc.retry_after_s * 1000))),
     }
-    for kind, state in exc.states.items():
+    return {**headers, **rate_limit_headers(exc.states)}
+
+
+def rate_limit_headers(states: Mapping[LimitKind, RateLimitState]) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` headers."""
+    headers: dict[str, str] = {}
+    for kind, state in states.items():
         headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)
         headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
         headers[f"x-ratelimit-reset-{kind}"] = duration(state.reset_s)

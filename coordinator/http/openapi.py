@@ -38,10 +38,13 @@ _BUYER_ERRORS: JsonSchema = {
     "400": _error("Invalid request, or the prompt does not fit the model's context"),
     "401": _error("Missing, unknown or revoked API key"),
     "402": _error("Insufficient credits for the request's maximum cost"),
-    "404": _error("Unknown model"),
+    "404": _error("Unknown model, or no miner within provider.max_price"),
     "413": _error("Request body too large"),
     "503": {
-        **_error("No miner is available for the model; retry later"),
+        **_error(
+            "No miner is available for the model (none connected, or all stayed busy for the "
+            "queue wait, or the queue is full); retry later"
+        ),
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     },
 }
@@ -81,6 +84,34 @@ _SAMPLING: JsonSchema = {
         "description": "Chat: true for the chosen tokens' log-probabilities (top_logprobs must be "
         "0). Completions: 0. The values are the miner's claim.",
         "type": ["boolean", "integer", "null"],
+    },
+    "provider": {
+        "type": ["object", "null"],
+        "description": "Routing preferences, OpenRouter's shape. Other OpenRouter keys (order, "
+        "only, ignore, quantizations, data_collection, ...) are accepted and ignored.",
+        "properties": {
+            "sort": {
+                "enum": ["price", "throughput", "latency", None],
+                "description": "latency: lowest time to first token; throughput: most tokens/s; "
+                "price: every miner of a model sells at the catalog price, so the default "
+                "(free capacity, speed and spot-check trust)",
+            },
+            "max_price": {
+                "type": ["object", "null"],
+                "description": "Most to pay, in credits per million tokens (a number or a "
+                "decimal string); a model priced above it is a 404 and nothing is held",
+                "properties": {
+                    "prompt": {"type": ["number", "string"], "minimum": 0},
+                    "completion": {"type": ["number", "string"], "minimum": 0},
+                },
+            },
+            "allow_fallbacks": {
+                "type": "boolean",
+                "default": True,
+                "description": "false: a miner failing before its first token is a 503 instead "
+                "of a silent retry on another miner",
+            },
+        },
     },
     "stream": {"type": "boolean", "default": False},
     "stream_options": {

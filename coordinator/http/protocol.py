@@ -23,6 +23,7 @@ from coordinator.api import (
     Usage,
 )
 from coordinator.errors import InvalidRequestError
+from coordinator.http.provider import parse_provider
 
 Endpoint = Literal["chat", "text"]
 """``chat``: /v1/chat/completions; ``text``: /v1/completions."""
@@ -110,6 +111,7 @@ def _parse_common(
         top_p=_number(fields, "top_p", default=1.0, low=0.0, high=1.0, low_open=True),
         seed=_parse_seed(fields.get("seed")),
         stop=_parse_stop(fields.get("stop")),
+        provider=parse_provider(fields.get("provider")),
     )
     options = _parse_stream_options(fields)
     return request, replace(options, logprobs=_parse_logprobs(fields, endpoint))

@@ -20,8 +20,15 @@ margins under the reference sampler, from one teacher-forced pass). A job fails 
 
 Subtle cheats (quantized or perturbed weights, rare substitutions) pass most single jobs, so
 :class:`PooledStats` adds up a miner's checked jobs (per scorer) and judges the totals once they
-cover ``pooled_min_tokens`` tokens. The defaults of :class:`Thresholds` are calibrated by
-``bench/verification.py`` on the demo model; see docs/benchmarks.md, "Verification".
+cover ``pooled_min_tokens`` tokens.
+
+The defaults of :class:`Thresholds` are calibrated by ``bench/verification.py`` on the demo
+model (docs/benchmarks.md, "Verification"). ``miner.scorer``'s margins tolerate the edge of the
+top-k / top-p set (a token another dtype keeps and the scorer drops by a hair is not a
+disagreement), so honest margins stay below 0.06 on every honest variant measured while
+``margin_limit`` is 1.0: no disagreeing token is forgiven (``disagreeing_allowance=0``), which
+catches single substitutions. Thresholds are per model: a random model's flat distributions
+need a looser log-probability rule (benchmarks.md gives the tiny test model's values).
 """
 
 from __future__ import annotations
@@ -47,20 +54,21 @@ class Thresholds:
     margin_limit: float = 1.0
     # A job fails with more than disagreeing_allowance + this * n disagreeing tokens out of n ...
     max_disagreeing_fraction: float = 0.005
-    # ... where this allowance forgives honest near-ties in short jobs (the design's "1 +").
-    disagreeing_allowance: float = 1.0
+    # ... where this allowance can forgive near-ties (the design's "1 +"); 0 by default, since
+    # miner.scorer's margins already tolerate the top-k / top-p edge.
+    disagreeing_allowance: float = 0.0
     # A job fails when sum |claimed - scored| log-prob exceeds allowance + this * n ...
-    max_mean_abs_dlogprob: float = 0.015
+    max_mean_abs_dlogprob: float = 0.025
     # ... where this allowance keeps short honest jobs from failing on one noisy token.
-    dlogprob_allowance: float = 0.0
+    dlogprob_allowance: float = 0.1
     # A claimed final stop token whose margin exceeds margin_limit fails the job by itself.
     stop_token_must_agree: bool = True
     # Pooled per-miner statistics give a verdict once they cover this many tokens.
-    pooled_min_tokens: int = 500
+    pooled_min_tokens: int = 300
     # A pool fails when its mean |claimed - scored| log-prob exceeds this ...
-    pooled_max_mean_abs_dlogprob: float = 0.01
+    pooled_max_mean_abs_dlogprob: float = 0.02
     # ... or when more than this fraction of its tokens disagree.
-    pooled_max_disagreeing_fraction: float = 0.003
+    pooled_max_disagreeing_fraction: float = 0.002
 
     def __post_init__(self) -> None:
         for name in (

@@ -23,7 +23,7 @@ from coordinator.api import (
     TextDelta,
     Usage,
 )
-from coordinator.errors import AuthenticationError
+from coordinator.errors import AuthenticationError, LimitKind, RateLimitState
 from coordinator.http.app import create_app
 
 API_KEY = "sk-test-key"
@@ -42,6 +42,8 @@ class Script:
     error_after: int | None = None  # raise ``error`` when asked for delta number k (0-based)
     error: BaseException | None = None  # the mid-stream failure
     delay: float = 0.0  # seconds before each delta, to leave room for a client to leave
+    enter_delay: float = 0.0  # seconds entering complete() takes (a queue, a slow first token)
+    rate_limits: dict[LimitKind, RateLimitState] = field(default_factory=dict)  # on admission
 
 
 @dataclass
@@ -63,6 +65,7 @@ class FakeCompletion:
         self.model = model
         self.created = 1_700_000_000
         self.prompt_tokens = PROMPT_TOKENS
+        self.rate_limits = script.rate_limits
         self._script = script
         self._run = run
         self.abandoned = False
@@ -111,6 +114,7 @@ class FakeInferenceService:
     runs: list[Run] = field(default_factory=list)
     models_error: BaseException | None = None  # raised by models()
     miners: int = 0  # what readiness() reports as connected
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # set by every complete() call
 
     async def authenticate(self, api_key: str) -> Buyer:
         if api_key != API_KEY:
@@ -131,8 +135,16 @@ class FakeInferenceService:
     ) -> AsyncIterator[FakeCompletion]:
         run = Run(request=request)
         self.runs.append(run)
+        self.started.set()
         if self.script.enter_error is not None:
             raise self.script.enter_error
+        try:
+            await asyncio.sleep(self.script.enter_delay)
+        except BaseException as exc:
+            run.exit_error = exc
+            run.exited = True
+            run.left.set()
+            raise
         try:
             yield FakeCompletion(self.script, run, model=request.model)
         except BaseException as exc:

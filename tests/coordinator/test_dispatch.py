@@ -34,7 +34,11 @@ from tests.coordinator.core_fakes import (
 )
 
 CONFIG = DispatchConfig(
-    max_attempts=3, first_token_timeout_s=0.15, token_timeout_s=0.15, retry_after_s=7
+    max_attempts=3,
+    first_token_timeout_s=0.15,
+    token_timeout_s=0.15,
+    retry_after_s=7,
+    queue_wait_s=0.2,
 )
 
 
@@ -43,8 +47,19 @@ def registry() -> MinerRegistry:
     return MinerRegistry()
 
 
+class FirstChoice(random.Random):
+    """An rng whose weighted draws always land on the first eligible candidate.
+
+    The router draws at random, weighted by score; with this rng it takes the first miner (in
+    registry order) with a free slot that was not tried yet, so failover tests know the order.
+    """
+
+    def random(self) -> float:
+        return 0.0
+
+
 def dispatcher(registry: MinerRegistry, config: DispatchConfig = CONFIG) -> Dispatcher:
-    return Dispatcher(config, registry=registry, router=Router(rng=random.Random(0)))
+    return Dispatcher(config, registry=registry, router=Router(rng=FirstChoice()))
 
 
 def ranked(catalog: Catalog, registry: MinerRegistry, count: int) -> list[MinerSession]:
@@ -199,6 +214,63 @@ async def test_max_attempts_is_respected(
     with pytest.raises(NoMinerAvailableError):
         await asyncio.wait_for(task, WAIT_S)
     assert all(outbox_messages(session) == [] for session in sessions[2:])
+
+
+async def test_a_silent_miner_is_measured_as_slow(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    silent, second = ranked(catalog, registry, 2)
+    task = await started(dispatcher(registry), make_job(entry))
+    await next_job(silent)
+    await answer_first_token(second)
+    await asyncio.wait_for(task, WAIT_S)
+    assert silent.speed.ttft_s == CONFIG.first_token_timeout_s  # the whole timeout
+    assert second.speed.ttft_s is not None and second.speed.jobs_measured == 1
+
+
+async def test_a_failing_miner_is_not_measured(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    first, second = ranked(catalog, registry, 2)
+    task = await started(dispatcher(registry), make_job(entry))
+    sent = await next_job(first)
+    assert first.deliver(failure(sent.job_id, "out of memory")) is None
+    await answer_first_token(second)
+    await asyncio.wait_for(task, WAIT_S)
+    assert first.speed.ttft_s is None and first.speed.jobs_measured == 0
+
+
+async def test_without_fallbacks_the_first_failure_is_final(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    first, second = ranked(catalog, registry, 2)
+    job = make_job(entry)
+    task = asyncio.create_task(dispatcher(registry).start(job, allow_fallbacks=False))
+    sent = await next_job(first)
+    assert first.deliver(failure(sent.job_id, "broken")) is None
+    with pytest.raises(NoMinerAvailableError, match="broken") as raised:
+        await asyncio.wait_for(task, WAIT_S)
+    assert raised.value.retry_after == CONFIG.retry_after_s
+    assert outbox_messages(second) == []  # never tried
+    assert first.free_slots == 1
+
+
+async def test_sort_reaches_the_router(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    slow_start, quick_start = ranked(catalog, registry, 2)
+    slow_start.speed.first_token(2.0)
+    quick_start.speed.first_token(0.01)
+    router = Router(rng=random.Random(0))
+    dispatch = Dispatcher(CONFIG, registry=registry, router=router)
+    for _ in range(5):
+        task = asyncio.create_task(dispatch.start(make_job(entry), sort="latency"))
+        job = await answer_first_token(quick_start)
+        run = await asyncio.wait_for(task, WAIT_S)
+        assert run.session is quick_start
+        quick_start.abandon_job(job.job_id)
+        outbox_messages(quick_start)
+    assert outbox_messages(slow_start) == []
 
 
 async def test_cancelled_dispatch_cancels_the_job(

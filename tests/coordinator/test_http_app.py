@@ -18,6 +18,7 @@ from coordinator.errors import (
     ContextLengthError,
     InsufficientCreditsError,
     ModelNotFoundError,
+    NoMatchingEndpointError,
     NoMinerAvailableError,
     UpstreamError,
 )
@@ -137,6 +138,7 @@ async def test_request_id_is_echoed_when_sane(client: AsyncOpenAI) -> None:
         (ContextLengthError("prompt too long", param="messages"), openai.BadRequestError, 400,
          "context_length_exceeded"),
         (ModelNotFoundError("no such model"), openai.NotFoundError, 404, "model_not_found"),
+        (NoMatchingEndpointError("too dear"), openai.NotFoundError, 404, "no_endpoints_found"),
         (InsufficientCreditsError("balance too low"), openai.APIStatusError, 402,
          "insufficient_credits"),
         (NoMinerAvailableError("all busy", retry_after=7), openai.InternalServerError, 503,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.api import ChatMessage
+from coordinator.api import ChatMessage, ProviderPreferences
 from coordinator.errors import InvalidRequestError
 from coordinator.http.protocol import (
     credits_per_million,
@@ -221,7 +221,8 @@ json_values = st.recursive(
 )
 request_fields = st.sampled_from(
     ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "seed", "stream",
-     "stream_options", "n", "stop", "logprobs", "response_format", "max_completion_tokens"]
+     "stream_options", "n", "stop", "logprobs", "response_format", "max_completion_tokens",
+     "provider"]
 )  # fmt: skip
 
 
@@ -235,6 +236,89 @@ def test_any_json_is_parsed_or_rejected_as_invalid(body: object) -> None:
         assert 0 <= request.temperature <= 2 and 0 < request.top_p <= 1
         assert request.max_tokens is None or 1 <= request.max_tokens <= 1_000_000
         assert request.seed is None or 0 <= request.seed < 2**64
+
+
+# --- provider: OpenRouter's routing preferences -----------------------------------------------
+
+
+def test_provider_defaults_when_absent_or_null() -> None:
+    assert parse_chat_request(chat())[0].provider == ProviderPreferences()
+    assert parse_chat_request(chat(provider=None))[0].provider == ProviderPreferences()
+    assert parse_chat_request(chat(provider={}))[0].provider == ProviderPreferences()
+    assert ProviderPreferences().allow_fallbacks and ProviderPreferences().sort is None
+
+
+@pytest.mark.parametrize("sort", ["price", "throughput", "latency"])
+def test_provider_sort_values(sort: str) -> None:
+    assert parse_chat_request(chat(provider={"sort": sort}))[0].provider.sort == sort
+    body = {"model": "tiny", "prompt": "p", "provider": {"sort": sort}}
+    assert parse_completion_request(body)[0].provider.sort == sort
+
+
+def test_provider_max_price_numbers_and_decimal_strings_are_exact() -> None:
+    provider = parse_chat_request(
+        chat(provider={"max_price": {"prompt": 0.1, "completion": "2.50", "request": 9}})
+    )[0].provider
+    assert provider.max_prompt_price == Decimal("0.1")  # the decimal, not the binary float
+    assert provider.max_completion_price == Decimal("2.5")
+    only_prompt = parse_chat_request(chat(provider={"max_price": {"prompt": 3}}))[0].provider
+    assert (only_prompt.max_prompt_price, only_prompt.max_completion_price) == (Decimal(3), None)
+
+
+def test_provider_allow_fallbacks_and_unknown_keys() -> None:
+    provider = parse_chat_request(
+        chat(
+            provider={
+                "allow_fallbacks": False,
+                "order": ["anthropic"],
+                "only": ["x"],
+                "ignore": ["y"],
+                "quantizations": ["fp8"],
+                "data_collection": "deny",
+                "require_parameters": True,
+            }
+        )
+    )[0].provider
+    assert provider == ProviderPreferences(allow_fallbacks=False)
+
+
+def test_max_price_refusal_reasons() -> None:
+    caps = ProviderPreferences(max_prompt_price=Decimal("1.5"), max_completion_price=Decimal(2))
+    assert caps.over_max_price(prompt=Decimal("1.5"), completion=Decimal(2)) == []
+    reasons = caps.over_max_price(prompt=Decimal("1.6"), completion=Decimal("2.5"))
+    assert len(reasons) == 2 and "1.6" in reasons[0] and "2.5" in reasons[1]
+    assert ProviderPreferences().over_max_price(prompt=Decimal(10**9), completion=Decimal(1)) == []
+
+
+@pytest.mark.parametrize(
+    ("provider", "param"),
+    [
+        ("fast", "provider"),
+        ([{"sort": "latency"}], "provider"),
+        ({"sort": "speed"}, "provider.sort"),
+        ({"sort": 1}, "provider.sort"),
+        ({"sort": ["latency"]}, "provider.sort"),
+        ({"allow_fallbacks": "false"}, "provider.allow_fallbacks"),
+        ({"allow_fallbacks": 0}, "provider.allow_fallbacks"),
+        ({"max_price": 1}, "provider.max_price"),
+        ({"max_price": {"prompt": -1}}, "provider.max_price.prompt"),
+        ({"max_price": {"prompt": "cheap"}}, "provider.max_price.prompt"),
+        ({"max_price": {"prompt": True}}, "provider.max_price.prompt"),
+        ({"max_price": {"prompt": [1]}}, "provider.max_price.prompt"),
+        ({"max_price": {"completion": float("inf")}}, "provider.max_price.completion"),
+        ({"max_price": {"completion": float("nan")}}, "provider.max_price.completion"),
+        ({"max_price": {"completion": "NaN"}}, "provider.max_price.completion"),
+        ({"max_price": {"completion": "-0.5"}}, "provider.max_price.completion"),
+    ],
+)
+def test_provider_rejections_name_the_field(provider: object, param: str) -> None:
+    for parse, body in (
+        (parse_chat_request, chat(provider=provider)),
+        (parse_completion_request, {"model": "tiny", "prompt": "p", "provider": provider}),
+    ):
+        with pytest.raises(InvalidRequestError) as caught:
+            parse(body)
+        assert caught.value.param == param
 
 
 def test_price_strings_are_plain_decimals() -> None:

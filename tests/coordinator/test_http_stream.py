@@ -13,7 +13,7 @@ import pytest
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from coordinator.errors import NoMinerAvailableError, UpstreamError
+from coordinator.errors import NoMinerAvailableError, RateLimitState, UpstreamError
 
 from .fake_service import (
     API_KEY,
@@ -226,3 +226,49 @@ async def test_client_leaving_stops_the_completion(
     # Billed: what was written before the server noticed; never the rest of the job.
     assert received <= run.delivered < total
     assert run.taken <= run.delivered + 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_client_leaving_before_the_answer_begins_cancels_the_wait(
+    service: FakeInferenceService, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    # Entering complete() is where a request waits in the queue or for the first token.
+    service.script = Script(deltas=text_deltas("never"), enter_delay=30)
+    body = {"model": "tiny", "messages": HELLO, "stream": stream}
+    async with serving(service) as base_url:
+        request = asyncio.ensure_future(
+            http.post(f"{base_url}/chat/completions", json=body, headers=AUTH)
+        )
+        await asyncio.wait_for(service.started.wait(), timeout=5)
+        request.cancel()  # the client hangs up while it waits
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        (run,) = service.runs
+        await asyncio.wait_for(run.left.wait(), timeout=5)
+    assert isinstance(run.exit_error, asyncio.CancelledError)
+    assert run.taken == 0 and run.delivered == 0
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_successful_answers_carry_the_rate_limit_headers(
+    service: FakeInferenceService, http: aiohttp.ClientSession, stream: bool
+) -> None:
+    service.script = Script(
+        deltas=text_deltas("hi"),
+        rate_limits={
+            "requests": RateLimitState(limit=60, remaining=59, reset_s=1.0),
+            "tokens": RateLimitState(limit=1000, remaining=900, reset_s=6.0),
+        },
+    )
+    body = {"model": "tiny", "messages": HELLO, "stream": stream}
+    async with (
+        serving(service) as base_url,
+        http.post(f"{base_url}/chat/completions", json=body, headers=AUTH) as response,
+    ):
+        assert response.status == 200
+        await response.read()
+    assert response.headers["x-ratelimit-limit-requests"] == "60"
+    assert response.headers["x-ratelimit-remaining-requests"] == "59"
+    assert response.headers["x-ratelimit-reset-requests"] == "1s"
+    assert response.headers["x-ratelimit-remaining-tokens"] == "900"
+    assert response.headers["x-ratelimit-reset-tokens"] == "6s"

@@ -27,6 +27,7 @@ VOCAB = 100
 RULES = Thresholds(
     margin_limit=1.0,
     max_disagreeing_fraction=0.005,
+    disagreeing_allowance=1.0,
     max_mean_abs_dlogprob=0.02,
     dlogprob_allowance=0.1,
     stop_token_must_agree=True,
@@ -164,15 +165,19 @@ def test_nan_scores_fail_the_job(field: str) -> None:
 # --- margins ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [100, 200, 600])
-def test_disagreeing_tokens_are_allowed_up_to_one_plus_a_fraction(n: int) -> None:
+@pytest.mark.parametrize("allowance", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("n", [10, 100, 200, 600])
+def test_disagreeing_tokens_are_allowed_up_to_an_allowance_plus_a_fraction(
+    n: int, allowance: float
+) -> None:
+    rules = dataclasses.replace(RULES, disagreeing_allowance=allowance)
     claim = make_claim(n)
-    allowed = RULES.disagreeing_allowance + RULES.max_disagreeing_fraction * n
+    allowed = allowance + rules.max_disagreeing_fraction * n
     most = math.floor(allowed)
-    ok = judge_job(claim, with_margins(claim, {i: 5.0 for i in range(most)}), RULES)
+    ok = judge_job(claim, with_margins(claim, {i: 5.0 for i in range(most)}), rules)
     assert ok.passed, ok.reasons
     assert ok.disagreeing == most
-    bad = judge_job(claim, with_margins(claim, {i: 5.0 for i in range(most + 1)}), RULES)
+    bad = judge_job(claim, with_margins(claim, {i: 5.0 for i in range(most + 1)}), rules)
     assert not bad.passed
     assert bad.disagreeing == most + 1
     assert "disagree" in bad.reasons[0]

@@ -8,32 +8,44 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 import pytest
 
-from coordinator.api import Buyer, ChatMessage, CompletionRequest, Usage
+from coordinator.api import Buyer, ChatMessage, CompletionRequest, ProviderPreferences, Usage
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.dispatch import DispatchConfig, Dispatcher
-from coordinator.errors import ContextLengthError, InsufficientCreditsError, NoMinerAvailableError
+from coordinator.errors import (
+    ContextLengthError,
+    InsufficientCreditsError,
+    NoMatchingEndpointError,
+    NoMinerAvailableError,
+)
 from coordinator.gateway.session import MinerSession
 from coordinator.job_log import JobLog
 from coordinator.keys import KeyStore
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router
 from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
+from ledger.entry import EntryKind
 from ledger.interface import ESCROW, FEE, AccountRef
-from ledger.postgres import EntryKind, PostgresLedger
+from ledger.postgres import PostgresLedger
 from proto import miner_pb2
 from tests.coordinator.core_fakes import (
     FINISH,
+    INPUT_PRICE_PER_MTOK,
     MODEL,
+    OUTPUT_PRICE_PER_MTOK,
     WAIT_S,
     MinerKey,
     busy,
+    failure,
     make_session,
+    next_job,
     outbox_messages,
     play_job,
     stop_id,
@@ -46,7 +58,11 @@ if TYPE_CHECKING:
 FEE_BPS = 750  # not the default, so the test shows the configured fee is the one applied
 # Generous timeouts: the simulated miner answers at once, so they only bound a broken test.
 DISPATCH = DispatchConfig(
-    max_attempts=2, first_token_timeout_s=WAIT_S, token_timeout_s=WAIT_S, retry_after_s=3
+    max_attempts=2,
+    first_token_timeout_s=WAIT_S,
+    token_timeout_s=WAIT_S,
+    retry_after_s=3,
+    queue_wait_s=0.2,  # short: a test of a busy market waits this long for its 503
 )
 CREDIT = 1_000_000
 
@@ -63,6 +79,7 @@ class Market:
     buyer: Buyer
     key: MinerKey  # the miner's identity
     session: MinerSession  # the miner's session, in the registry
+    dispatcher: Dispatcher  # the service's, for its queue
 
     @property
     def account(self) -> AccountRef:
@@ -86,13 +103,14 @@ async def market(db_pool: Pool, catalog: Catalog) -> Market:
     ledger = await PostgresLedger.create(db_pool)
     keys = await KeyStore.create(db_pool)
     registry = MinerRegistry()
+    dispatcher = Dispatcher(DISPATCH, registry=registry, router=Router(rng=random.Random(0)))
     service = MarketplaceService(
         BillingConfig(fee_bps=FEE_BPS),
         catalog=catalog,
         keys=keys,
         ledger=ledger,
         registry=registry,
-        dispatcher=Dispatcher(DISPATCH, registry=registry, router=Router(rng=random.Random(0))),
+        dispatcher=dispatcher,
         job_log=await JobLog.create(db_pool),
     )
     buyer = await service.authenticate((await keys.issue("alice")).secret)
@@ -101,10 +119,17 @@ async def market(db_pool: Pool, catalog: Catalog) -> Market:
     session = make_session(catalog, key=key)
     registry.add(session)
     await ledger.open_account(miner_account(session.miner_id))
-    return Market(service, ledger, registry, db_pool, catalog.get(MODEL), buyer, key, session)
+    return Market(
+        service, ledger, registry, db_pool, catalog.get(MODEL), buyer, key, session, dispatcher
+    )
 
 
-def chat(max_tokens: int | None, content: str = "Hello!") -> CompletionRequest:
+def chat(
+    max_tokens: int | None,
+    content: str = "Hello!",
+    *,
+    provider: ProviderPreferences | None = None,
+) -> CompletionRequest:
     return CompletionRequest(
         model=MODEL,
         messages=(ChatMessage(role="user", content=content),),
@@ -113,6 +138,7 @@ def chat(max_tokens: int | None, content: str = "Hello!") -> CompletionRequest:
         temperature=0.0,
         top_p=1.0,
         seed=1,
+        provider=provider or ProviderPreferences(),
     )
 
 
@@ -346,3 +372,134 @@ async def test_a_cancelled_request_is_still_settled(market: Market) -> None:
     charged = cost(market, request, 2)
     fee = charged * FEE_BPS // 10_000
     assert await market.balances() == (CREDIT - charged, charged - fee, fee, 0)
+
+
+# --- the queue and the buyer's provider preferences ---------------------------------------------
+
+
+async def test_a_queued_request_is_held_then_served_when_the_slot_frees(market: Market) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    placeholder = miner_pb2.Job(job_id="job-elsewhere", model=MODEL)
+    market.session.start_job(placeholder)
+    outbox_messages(market.session)
+    request = chat(max_tokens=8)
+    answer = [*text_ids(market.entry, "ok"), stop_id(market.entry)]
+
+    async def buy() -> str:
+        async with market.service.complete(market.buyer, request) as completion:
+            return "".join([delta.text async for delta in completion])
+
+    buyer = asyncio.create_task(buy())
+    await wait_until(lambda: market.dispatcher.queue_depth(MODEL) == 1)
+    assert CREDIT - await market.ledger.balance(market.account) == cost(market, request, 8)
+    miner = asyncio.create_task(play_job(market.session, market.key, market.entry, answer))
+    assert market.session.deliver(failure(placeholder.job_id, "finished")) is None
+    assert await asyncio.wait_for(buyer, WAIT_S) == "ok"
+    await asyncio.wait_for(miner, WAIT_S)
+    charged = cost(market, request, len(answer))
+    assert (await market.balances())[0] == CREDIT - charged
+
+
+async def test_a_buyer_who_leaves_the_queue_pays_nothing(market: Market) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    busy(market.session)
+    outbox_messages(market.session)
+
+    async def buy() -> None:
+        async with market.service.complete(market.buyer, chat(max_tokens=8)):
+            pytest.fail("the completion started")
+
+    buyer = asyncio.create_task(buy())
+    await wait_until(lambda: market.dispatcher.queue_depth(MODEL) == 1)
+    buyer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await buyer
+    assert market.dispatcher.queue_depth(MODEL) == 0
+    assert await market.entry_kinds() == [EntryKind.MINT, EntryKind.HOLD, EntryKind.RELEASE]
+    assert await market.balances() == (CREDIT, 0, 0, 0)
+    assert outbox_messages(market.session) == []
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion"),
+    [(Decimal("1.4999"), None), (None, Decimal("2.4")), (Decimal(0), Decimal(0))],
+    ids=["prompt", "completion", "both"],
+)
+async def test_a_max_price_below_the_catalog_is_refused_before_anything_is_held(
+    market: Market, prompt: Decimal | None, completion: Decimal | None
+) -> None:
+    assert (INPUT_PRICE_PER_MTOK, OUTPUT_PRICE_PER_MTOK) == (1_500_000, 2_500_000)
+    await market.ledger.mint(market.account, CREDIT)
+    preferences = ProviderPreferences(max_prompt_price=prompt, max_completion_price=completion)
+    with pytest.raises(NoMatchingEndpointError, match="No endpoints found matching your max"):
+        async with market.service.complete(market.buyer, chat(8, provider=preferences)):
+            pytest.fail("the completion started")
+    assert await market.entry_kinds() == [EntryKind.MINT]
+    assert outbox_messages(market.session) == []
+
+
+async def test_a_max_price_at_the_catalog_price_is_served(market: Market) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    at_price = ProviderPreferences(
+        max_prompt_price=Decimal("1.5"), max_completion_price=Decimal("2.50")
+    )
+    answer = [stop_id(market.entry)]
+    miner = asyncio.create_task(play_job(market.session, market.key, market.entry, answer))
+    async with market.service.complete(market.buyer, chat(8, provider=at_price)) as completion:
+        assert [delta async for delta in completion]
+    await asyncio.wait_for(miner, WAIT_S)
+    assert completion.finish_reason == "stop"
+
+
+async def test_without_fallbacks_a_failing_miner_is_a_503_and_costs_nothing(
+    market: Market, catalog: Catalog
+) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    other = make_session(catalog)
+    market.registry.add(other)
+    no_fallbacks = ProviderPreferences(allow_fallbacks=False)
+
+    async def fail_the_job() -> MinerSession:
+        """Whichever miner gets the job fails it; returns that miner."""
+        waits = {asyncio.ensure_future(next_job(s)): s for s in (market.session, other)}
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        (first,) = done
+        chosen = waits[first]
+        assert chosen.deliver(failure(first.result().job_id, "engine crashed")) is None
+        return chosen
+
+    miner = asyncio.create_task(fail_the_job())
+    with pytest.raises(NoMinerAvailableError, match="engine crashed"):
+        async with market.service.complete(market.buyer, chat(8, provider=no_fallbacks)):
+            pytest.fail("the completion started")
+    chosen = await asyncio.wait_for(miner, WAIT_S)
+    spare = other if chosen is market.session else market.session
+    assert outbox_messages(spare) == []  # a free miner, never tried
+    assert await market.entry_kinds() == [EntryKind.MINT, EntryKind.HOLD, EntryKind.RELEASE]
+
+
+async def test_sort_by_latency_reaches_the_router(market: Market, catalog: Catalog) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    slow_key = MinerKey()
+    slow = make_session(catalog, key=slow_key)
+    market.registry.add(slow)
+    slow.speed.first_token(5.0)
+    market.session.speed.first_token(0.05)
+    latency = ProviderPreferences(sort="latency")
+    answer = [stop_id(market.entry)]
+    for _ in range(4):
+        miner = asyncio.create_task(play_job(market.session, market.key, market.entry, answer))
+        async with market.service.complete(market.buyer, chat(8, provider=latency)) as done:
+            assert [delta async for delta in done]
+        await asyncio.wait_for(miner, WAIT_S)
+    assert outbox_messages(slow) == []
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    for _ in range(int(WAIT_S / 0.001)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
