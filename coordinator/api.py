@@ -81,6 +81,7 @@ class TokenLogprob:
     token_id: int  # id in the model's vocabulary
     text: str  # the token decoded on its own (U+FFFD where it holds part of a character)
     logprob: float  # the miner's claim: natural log, fp32 logits, temperature 1
+    raw: bytes = b""  # the bytes it adds to the text (a part of a character is its real bytes)
 
 
 @dataclass(frozen=True)

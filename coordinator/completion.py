@@ -201,9 +201,14 @@ class RunningCompletion:
     def _token_logprobs(
         self, ids: Sequence[int], logprobs: Sequence[float]
     ) -> tuple[TokenLogprob, ...]:
-        decode = self._entry.tokenizer.decode
+        tokenizer = self._entry.tokenizer
         return tuple(
-            TokenLogprob(token_id=token_id, text=decode([token_id]), logprob=logprob)
+            TokenLogprob(
+                token_id=token_id,
+                text=tokenizer.decode([token_id]),
+                logprob=logprob,
+                raw=tokenizer.token_bytes(token_id),
+            )
             for token_id, logprob in zip(ids, logprobs, strict=True)
         )
 

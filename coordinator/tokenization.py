@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from tokenizers import AddedToken, Tokenizer, processors
+from tokenizers import AddedToken, Tokenizer, decoders, processors
 
 from coordinator.api import ChatMessage
 from coordinator.chat_template import TEMPLATE_FAILURES, compile_chat_template
@@ -80,6 +81,8 @@ class ModelTokenizer:
         added = tokenizer.get_added_tokens_decoder()
         self._special_ids = frozenset(id_ for id_, token in added.items() if token.special)
         self._known_ids = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        self._added_ids = frozenset(added)
+        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
         self.name = name  # used in error messages only
         self.stop_token_ids = stop_token_ids  # generation ends after any of these
         self.vocab_size = vocab_size  # every valid token id is below this
@@ -181,9 +184,47 @@ class ModelTokenizer:
         """Text of ``ids`` without special tokens; ids outside the tokenizer's vocabulary vanish."""
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` adds to decoded text (OpenAI's logprobs ``bytes``): a token
+        holding part of a UTF-8 character has the real part, not U+FFFD.
+
+        Byte-level BPE pieces map back through GPT-2's byte alphabet, SentencePiece byte pieces
+        (``<0x0A>``) are their byte and ``▁`` a space; added tokens are their text; special and
+        unknown ids add nothing, as in :meth:`decode`.
+        """
+        if token_id in self._special_ids or not 0 <= token_id < self._known_ids:
+            return b""
+        piece = self._tokenizer.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode("utf-8")
+        if self._byte_level and all(char in _BYTE_OF_SYMBOL for char in piece):
+            return bytes(_BYTE_OF_SYMBOL[char] for char in piece)
+        byte_piece = _BYTE_PIECE.fullmatch(piece)
+        if byte_piece is not None:
+            return bytes([int(byte_piece.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
     def text_ids(self, ids: Sequence[int]) -> list[int]:
         """``ids`` less those :meth:`decode` drops (special or unknown): same text, fewer ids."""
         return [id_ for id_ in ids if id_ < self._known_ids and id_ not in self._special_ids]
+
+
+def _byte_symbols() -> dict[str, int]:
+    """GPT-2's byte-to-unicode table, inverted: the symbol byte-level BPE writes for each byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    symbols = {chr(byte): byte for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            symbols[chr(256 + extra)] = byte
+            extra += 1
+    return symbols
+
+
+_BYTE_OF_SYMBOL = _byte_symbols()
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any] | None:

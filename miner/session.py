@@ -119,6 +119,9 @@ class Session:
 
     async def _requests(self) -> AsyncIterator[miner_pb2.MinerMessage]:
         while (message := await self._outbox.get()) is not None:
+            if message.WhichOneof("body") == "chunk":
+                # From here grpc may serialize it at any moment: no token may join it any more.
+                self._runner.chunk_taken(message.chunk.job_id)
             yield message
 
     async def _read(

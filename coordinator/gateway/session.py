@@ -73,6 +73,8 @@ class JobChannel:
 
     async def next_event(self, *, wait_s: float) -> JobEvent:
         """The next event; MinerLost when none arrives within ``wait_s`` seconds."""
+        if not self._events.empty():  # no timer for an event that is already here
+            return self._events.get_nowait()
         try:
             return await asyncio.wait_for(self._events.get(), wait_s)
         except TimeoutError:

@@ -346,7 +346,7 @@ def logprobs_body(
             {
                 "token": token.text,
                 "logprob": value,
-                "bytes": list(token.text.encode()),
+                "bytes": list(token.raw),
                 "top_logprobs": [],
             }
             for token, value in zip(tokens, values, strict=True)

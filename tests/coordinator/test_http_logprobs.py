@@ -15,9 +15,9 @@ from .fake_service import API_KEY, FakeInferenceService, Script, serving
 
 # "Héllo" as three tokens; the middle one's text went out only with the next (held back).
 TOKENS = [
-    TokenLogprob(token_id=10, text="H", logprob=-0.25),
-    TokenLogprob(token_id=11, text="é", logprob=-1.5),
-    TokenLogprob(token_id=12, text="llo", logprob=float("-inf")),
+    TokenLogprob(token_id=10, text="H", logprob=-0.25, raw=b"H"),
+    TokenLogprob(token_id=11, text="é", logprob=-1.5, raw="é".encode()),
+    TokenLogprob(token_id=12, text="llo", logprob=float("-inf"), raw=b"llo"),
 ]
 DELTAS = [
     TextDelta(text="H", token_count=1, tokens=(TOKENS[0],)),

@@ -411,3 +411,19 @@ def test_text_config_of_multimodal_layouts(base_dir: Path) -> None:
 def test_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(TokenizerLoadError, match="not a directory"):
         ModelTokenizer.from_dir(tmp_path / "absent")
+
+
+def test_token_bytes_rebuild_the_text_even_across_split_characters(tmp_path: Path) -> None:
+    from miner.test_model import write_byte_level_tokenizer
+
+    write_byte_level_tokenizer(tmp_path, context_length=64)
+    (tmp_path / "config.json").write_text('{"vocab_size": 300, "max_position_embeddings": 64}')
+    tokenizer = ModelTokenizer.from_dir(tmp_path)
+    text = "naïve café ✓ 😀"
+    ids = tokenizer.encode_prompt(text)
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode()
+    assert any(tokenizer.decode([i]) == "\ufffd" for i in ids)  # what "token" text shows
+    special = tokenizer.stop_token_ids[0]
+    assert tokenizer.token_bytes(special) == b""  # decode drops it, so it adds nothing
+    assert tokenizer.token_bytes(10**6) == b""

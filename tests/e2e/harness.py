@@ -18,9 +18,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import asyncpg
+from openai import AsyncOpenAI, OpenAI
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from coordinator.keys import KeyStore
 from ledger.interface import AccountKind, AccountRef
@@ -212,3 +215,89 @@ def fetch(database_url: str, query: str, *args: Any) -> list[dict[str, Any]]:
 
     result: list[dict[str, Any]] = _run(go())
     return result
+
+
+def miner_identity(miner: Process) -> str | None:
+    """The id the miner's log says it connected as (hex public key), or None before it did."""
+    match = re.search(r"connected to \S+ as (\S+)", miner.output())
+    return match.group(1) if match else None
+
+
+def open_holds(database_url: str) -> int:
+    """Holds on the ledger that were neither settled nor released."""
+    rows = fetch(database_url, "SELECT count(*) AS n FROM ledger_holds WHERE status = 'open'")
+    return int(rows[0]["n"])
+
+
+def ledger_audit(coordinator: Coordinator) -> subprocess.CompletedProcess[str]:
+    """Runs the installed ``meshmint-ledger audit`` over the coordinator's public API, trusting
+    the verifier key the coordinator publishes (exit status 0 means no finding)."""
+    base = coordinator.base_url.removesuffix("/v1")
+    _, _, key_info = http(base + "/ledger/key")
+    return subprocess.run(
+        [
+            str(BIN / "meshmint-ledger"),
+            "audit",
+            "--coordinator",
+            base,
+            "--verifier-key",
+            key_info["verifier_key"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+Mode = Literal["sync", "async"]
+"""Which client of the official SDK drives a :class:`Buyer`: ``OpenAI`` or ``AsyncOpenAI``."""
+
+MODES: tuple[Mode, ...] = ("sync", "async")
+
+
+@dataclass(frozen=True)
+class Buyer:
+    """One funded API key, driven through the sync or the async SDK client.
+
+    Each call makes a fresh client: an async one lives inside its own ``asyncio.run``.
+    """
+
+    mode: Mode  # which SDK client makes the calls
+    base_url: str  # the coordinator's /v1 URL
+    key_id: str  # the key's id: its ledger account is "buyer:<key_id>"
+    key: str  # the secret sent as the bearer token
+
+    def chat(self, **params: Any) -> ChatCompletion:
+        return cast(ChatCompletion, self._call("chat", params))
+
+    def chat_stream(self, **params: Any) -> list[ChatCompletionChunk]:
+        return cast(list[ChatCompletionChunk], self._call("chat", {**params, "stream": True}))
+
+    def text(self, **params: Any) -> Completion:
+        return cast(Completion, self._call("text", params))
+
+    def text_stream(self, **params: Any) -> list[Completion]:
+        return cast(list[Completion], self._call("text", {**params, "stream": True}))
+
+    def _call(self, endpoint: str, params: dict[str, Any]) -> object:
+        if self.mode == "async":
+            return asyncio.run(self._async_call(endpoint, params))
+        with OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, timeout=60) as sdk:
+            if endpoint == "chat":
+                result: Any = sdk.chat.completions.create(**params)
+            else:
+                result = sdk.completions.create(**params)
+            return list(result) if params.get("stream") else result
+
+    async def _async_call(self, endpoint: str, params: dict[str, Any]) -> object:
+        async with AsyncOpenAI(
+            base_url=self.base_url, api_key=self.key, max_retries=0, timeout=60
+        ) as sdk:
+            if endpoint == "chat":
+                result: Any = await sdk.chat.completions.create(**params)
+            else:
+                result = await sdk.completions.create(**params)
+            if params.get("stream"):
+                return [chunk async for chunk in result]
+            return result

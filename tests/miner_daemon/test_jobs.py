@@ -46,7 +46,7 @@ def check_receipt(
     )
 
 
-async def test_tokens_stream_one_per_chunk_then_a_signed_length_result() -> None:
+async def test_tokens_stream_in_order_then_a_signed_length_result() -> None:
     gateway, engine = FakeGateway(), FakeEngine()
     job = make_job("job-1", prompt=(5, 9, 11, 2), max_tokens=6)
     async with serve(gateway) as port, running_miner(port, [engine]) as miner:
@@ -54,10 +54,12 @@ async def test_tokens_stream_one_per_chunk_then_a_signed_length_result() -> None
         session.send_job(job)
         outcome = await session.job_outcome("job-1")
     expected = fake_tokens(job.prompt_token_ids, 6)
-    assert [list(chunk.token_ids) for chunk in outcome.chunks] == [[token] for token in expected]
-    assert [list(chunk.logprobs) for chunk in outcome.chunks] == [
-        [fake_logprob(position)] for position in range(6)
+    # Tokens produced while the previous chunk still waited to be sent travel together.
+    assert [token for chunk in outcome.chunks for token in chunk.token_ids] == expected
+    assert [lp for chunk in outcome.chunks for lp in chunk.logprobs] == [
+        fake_logprob(position) for position in range(6)
     ]
+    assert all(len(chunk.token_ids) == len(chunk.logprobs) >= 1 for chunk in outcome.chunks)
     assert outcome.result is not None
     assert outcome.result.finish_reason == miner_pb2.FINISH_REASON_LENGTH
     check_receipt(
