@@ -168,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-spot-checks", action="store_true", help="never re-score miners' work (testing only)"
     )
+    serve.add_argument(
+        "--access-log", action="store_true", help="log one line per HTTP request (INFO)"
+    )
 
     miners = commands.add_parser("miners", help="connected miners: models, load, speed, trust")
     storage(miners)
@@ -325,6 +328,7 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         ledger_key_path=args.ledger_key,
         ledger_origin=args.ledger_origin,
         rotate_ledger_key=args.rotate_ledger_key,
+        access_log=args.access_log,
         verification=VerificationConfig(
             enabled=not args.no_spot_checks,
             floor=args.spot_check_floor,

@@ -39,6 +39,7 @@ class CoordinatorConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # requests/tokens per minute per key
     verification: VerificationConfig = field(default_factory=VerificationConfig)  # spot checks
     max_body_bytes: int = 4 * 1024 * 1024  # largest HTTP request body accepted
+    access_log: bool = False  # one log line per HTTP request (bench/load.py: ~2% of the CPU)
     ledger_key_path: Path | None = None  # Ed25519 checkpoint signing key; None: data_dir/ledger.key
     ledger_origin: str = "meshmint.local/ledger"  # the log's name in every checkpoint; never change
     checkpoint_interval_s: float = 0.5  # how often a new checkpoint is signed while entries arrive

@@ -158,7 +158,8 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         add_usage_routes(
             app, auth=service, usage=UsageService(pool, keys=keys, ledger=ledger, jobs=job_log)
         )
-        runner = web.AppRunner(app)
+        access_logger = logging.getLogger("aiohttp.access") if config.access_log else None
+        runner = web.AppRunner(app, access_log=access_logger)
         checkpoints = Checkpointer.running(
             pool,
             signer,
