@@ -27,8 +27,8 @@ model (docs/benchmarks.md, "Verification"). ``miner.scorer``'s margins tolerate 
 top-k / top-p set (a token another dtype keeps and the scorer drops by a hair is not a
 disagreement), so honest margins stay below 0.06 on every honest variant measured while
 ``margin_limit`` is 1.0: no disagreeing token is forgiven (``disagreeing_allowance=0``), which
-catches single substitutions. Thresholds are per model: a random model's flat distributions
-need a looser log-probability rule (benchmarks.md gives the tiny test model's values).
+catches single substitutions. Thresholds are per model: a random model's large logits need
+looser log-probability and margin rules (benchmarks.md gives the tiny test model's values).
 """
 
 from __future__ import annotations
