@@ -15,6 +15,7 @@ from miner.test_model import create_test_model
 from tests.e2e.harness import (
     Coordinator,
     create_key,
+    running_coordinator,
     start_coordinator,
     start_miner,
     wait_for_miners,
@@ -78,18 +79,13 @@ def coordinator(
     database_url: str, model_dirs: dict[str, Path], tmp_path: Path
 ) -> Iterator[Coordinator]:
     """A coordinator of its own for one test, selling 'tiny'; the test starts the miners."""
-    running = start_coordinator(
+    with running_coordinator(
         tmp_path,
         database_url=database_url,
         models={"tiny": model_dirs["tiny"]},
         extra=price_args() + NO_SPOT_CHECKS,
-    )
-    try:
+    ) as running:
         yield running
-    finally:
-        for miner in running.miners:
-            miner.stop()
-        running.process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ ledger with asyncpg.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -102,6 +104,28 @@ def start_coordinator(
     process = Process(popen, log)
     ready = _wait_for(log, r"buyers (http://\S+/v1), miners (\S+)\n", popen, timeout=60)
     return Coordinator(process, ready.group(1), ready.group(2), database_url)
+
+
+@contextlib.contextmanager
+def running_coordinator(
+    tmp: Path,
+    *,
+    database_url: str,
+    models: dict[str, Path],
+    extra: list[str] | None = None,
+    kill_miners: bool = False,
+) -> Iterator[Coordinator]:
+    """A coordinator for the block; its miners are stopped (or killed) and it is stopped after."""
+    running = start_coordinator(tmp, database_url=database_url, models=models, extra=extra)
+    try:
+        yield running
+    finally:
+        for miner in running.miners:
+            if kill_miners:
+                miner.kill()
+            else:
+                miner.stop()
+        running.process.stop()
 
 
 def start_miner(

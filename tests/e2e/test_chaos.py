@@ -35,7 +35,7 @@ from tests.e2e.harness import (
     ledger_audit,
     miner_identity,
     open_holds,
-    start_coordinator,
+    running_coordinator,
     start_miner,
     wait_for_miners,
 )
@@ -219,19 +219,15 @@ def chaotic(
     database_url: str, model_dirs: dict[str, Path], tmp_path: Path
 ) -> Iterator[Coordinator]:
     """A coordinator of its own, spot checks off so that billing is exact, no miners yet."""
-    running = start_coordinator(
+    # Miners are killed, not stopped: graceful shutdown is not under test and drains take seconds.
+    with running_coordinator(
         tmp_path,
         database_url=database_url,
         models={"tiny": model_dirs["tiny"]},
         extra=price_args() + NO_SPOT_CHECKS,
-    )
-    try:
+        kill_miners=True,
+    ) as running:
         yield running
-    finally:
-        # Killed, not stopped: graceful shutdown is not under test here and drains take seconds.
-        for miner in running.miners:
-            miner.kill()
-        running.process.stop()
 
 
 def job_id_of(completion_id: str) -> str:

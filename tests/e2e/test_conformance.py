@@ -30,7 +30,7 @@ from tests.e2e.harness import (
     balances,
     create_key,
     fetch,
-    start_coordinator,
+    running_coordinator,
     start_miner,
     wait_for_miners,
 )
@@ -477,21 +477,16 @@ def rate_limited(
     database_url: str, model_dirs: dict[str, Path], tmp_path: Path
 ) -> Iterator[Coordinator]:
     """A coordinator of its own that allows each key RPM requests a minute, with one miner."""
-    running = start_coordinator(
+    with running_coordinator(
         tmp_path,
         database_url=database_url,
         models={"tiny": model_dirs["tiny"]},
         extra=[*price_args(), *NO_SPOT_CHECKS, "--rpm", str(RPM)],
-    )
-    try:
+    ) as running:
         start_miner(running, tmp_path, name="alice", models={"tiny": model_dirs["tiny"]})
         _, probe = create_key(database_url, credits_micro=0, name="probe")
         wait_for_miners(running, probe, "tiny", 1)
         yield running
-    finally:
-        for miner in running.miners:
-            miner.stop()
-        running.process.stop()
 
 
 def test_too_many_requests_raise_rate_limit_error_with_retry_after(

@@ -23,8 +23,8 @@ from tests.e2e.harness import (
     Coordinator,
     create_key,
     fetch,
-    http,
-    start_coordinator,
+    ledger_audit,
+    running_coordinator,
     start_miner,
     wait_for_miners,
 )
@@ -58,15 +58,10 @@ def checked(
     database_url: str, model_dirs: dict[str, Path], tmp_path: Path
 ) -> Iterator[Coordinator]:
     """A coordinator with spot checks on, as shipped (the shared fixtures turn them off)."""
-    running = start_coordinator(
+    with running_coordinator(
         tmp_path, database_url=database_url, models={"tiny": model_dirs["tiny"]}, extra=price_args()
-    )
-    try:
+    ) as running:
         yield running
-    finally:
-        for miner in running.miners:
-            miner.stop()
-        running.process.stop()
 
 
 def test_a_cheating_miner_is_caught_slashed_and_banned_while_honest_ones_are_not(
@@ -181,22 +176,7 @@ def test_a_cheating_miner_is_caught_slashed_and_banned_while_honest_ones_are_not
     )
 
     # The ledger still audits clean, and no hold is left open.
-    base = coordinator.base_url.removesuffix("/v1")
-    _, _, key_info = http(base + "/ledger/key")
-    audited = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "meshmint-ledger"),
-            "audit",
-            "--coordinator",
-            base,
-            "--verifier-key",
-            key_info["verifier_key"],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    audited = ledger_audit(coordinator)
     assert audited.returncode == 0, audited.stdout + audited.stderr
     open_holds = fetch(
         coordinator.database_url, "SELECT count(*) AS n FROM ledger_holds WHERE status = 'open'"
