@@ -3,8 +3,8 @@
 A failure is confirmed when two scorers agree against a party: against the miner that ran the
 job, or against a scorer that two others outvoted. The offender then
 
-- refunds the buyer of the failed job everything it paid, from the offender's account while
-  it has credits, then from the operator's fee account;
+- refunds the buyer of the failed job everything it paid: from the offender's account while it
+  has credits, the rest minted back from issuance (where earlier slashes of it went);
 - loses its unmatured credits (credited within the verification window) to a slash entry;
 - restarts with no trust: every one of its next jobs is checked;
 - is banned for good (its key refused, its session closed) at its ``bans_after``-th
@@ -27,7 +27,7 @@ from coordinator.verification.policy import VerificationConfig, scoring_pay
 from coordinator.verification.scoring import FinishedJob
 from coordinator.verification.trust import CheckRecord, TrustStore
 from ledger.entry import MAX_MEMO_BYTES
-from ledger.interface import FEE, AccountKind, AccountRef, Ledger
+from ledger.interface import AccountKind, AccountRef, Ledger
 from proto import miner_pb2
 
 logger = logging.getLogger(__name__)
@@ -79,27 +79,21 @@ class Penalties:
         memo = _memo(f"spot check of job {job_id} (which it {role}) failed: {reasons}")
         refunded = taken_from_offender = 0
         if not as_scorer:
-            # The offender pays the whole refund while it can; the fee account covers the rest.
+            # The offender pays the whole refund while it has credits; what it no longer has was
+            # slashed back to issuance already (an earlier failure), so issuance pays the rest.
             charge = finished.miner_credit + finished.fee
             reference = _reference("refund", job_id)
             taken_from_offender = await self._ledger.refund(
                 finished.buyer, charge, source=account, reference=reference, memo=memo
             )
-            refunded = taken_from_offender + await self._ledger.refund(
-                finished.buyer,
-                charge - taken_from_offender,
-                source=FEE,
-                reference=reference,
-                memo=memo,
-            )
+            refunded = taken_from_offender
             if refunded < charge:
-                logger.warning(
-                    "job %s: refunded %d of %d to %s: the offender and the fee account are empty",
-                    job_id,
-                    refunded,
-                    charge,
+                await self._ledger.mint(
                     finished.buyer,
+                    charge - refunded,
+                    memo=_memo(f"refund of job {job_id} from slashed credits: {reasons}"),
                 )
+                refunded = charge
         unmatured = await self._ledger.unmatured(account, window_s=self._config.window_s)
         slashed = await self._ledger.slash(
             account, unmatured, reference=_reference("slash", job_id), memo=memo
