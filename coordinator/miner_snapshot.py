@@ -56,12 +56,8 @@ class MinerRow:
 
 
 def _speed(session: MinerSession) -> tuple[float | None, float | None]:
-    speed = getattr(session, "speed", None)
-    if speed is None:
-        return None, None
-    ttft = getattr(speed, "ttft_s", None)
-    rate = getattr(speed, "tokens_per_s", None)
-    return (ttft * 1000 if ttft is not None else None), rate
+    ttft = session.speed.ttft_s
+    return (ttft * 1000 if ttft is not None else None), session.speed.tokens_per_s
 
 
 class MinerSnapshots:

@@ -96,6 +96,15 @@ def create_app(
     return app
 
 
+def bearer_key(request: web.Request) -> str:
+    """The API key of ``Authorization: Bearer <key>``; AuthenticationError when there is none."""
+    scheme, _, key = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise AuthenticationError("Missing API key: send it as 'Authorization: Bearer <key>'")
+    return key
+
+
 def current_request_id() -> str:
     """The id of the request this task is handling (only valid inside a handler)."""
     return _request_id.get()
@@ -195,11 +204,7 @@ class _Api:
         return await self._complete(request, "text", buyer, completion_request, options)
 
     async def _authenticate(self, request: web.Request) -> Buyer:
-        scheme, _, key = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            raise AuthenticationError("Missing API key: send it as 'Authorization: Bearer <key>'")
-        return await self._service.authenticate(key)
+        return await self._service.authenticate(bearer_key(request))
 
     async def _complete(
         self,

@@ -13,10 +13,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from coordinator.api import Buyer
-from coordinator.errors import AuthenticationError, InvalidRequestError
+from coordinator.errors import InvalidRequestError
+from coordinator.http.app import bearer_key
 from coordinator.usage import MAX_HISTORY, KeyUsage, UsageEntry
 from ledger.interface import MICRO_PER_CREDIT
 
@@ -77,10 +78,7 @@ def _entry_body(entry: UsageEntry) -> dict[str, object]:
 
 def add_usage_routes(app: web.Application, *, auth: Authenticator, usage: UsageReader) -> None:
     async def authenticate(request: web.Request) -> Buyer:
-        scheme, _, key = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthenticationError("Missing API key: send it as 'Authorization: Bearer <key>'")
-        return await auth.authenticate(key.strip())
+        return await auth.authenticate(bearer_key(request))
 
     async def key(request: web.Request) -> web.Response:
         buyer = await authenticate(request)

@@ -131,9 +131,9 @@ class SpotChecker:
             )
             if opinion is not None:
                 opinions.append(opinion)
-                scorer = self._scoring_session_device(opinion.scorer_id)
-                if scorer:
-                    devices.add(scorer)
+                session = self._scoring.session_of(opinion.scorer_id)
+                if session is not None:
+                    devices.add(session.hello.hardware.device_name)
             return opinion
 
         first = await ask()
@@ -169,10 +169,6 @@ class SpotChecker:
         return await self._finish(
             finished, outcome, [o for o in opinions if o is not outvoted], thresholds
         )
-
-    def _scoring_session_device(self, scorer_id: str) -> str:
-        session = self._scoring.session_of(scorer_id)
-        return session.hello.hardware.device_name if session is not None else ""
 
     async def _finish(
         self,
