@@ -28,6 +28,7 @@ class Buyer:
 
     key_id: str  # public identifier of the key (never the secret)
     name: str  # the operator's label for the key
+    spend_limit: int | None = None  # micro-units it may spend in all; None: no limit
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class CompletionRequest:
     seed: int | None  # None: the coordinator picks one
     stop: tuple[str, ...] = ()  # output ends just before the first of these strings (at most 4)
     provider: ProviderPreferences = ProviderPreferences()  # routing preferences
+    logprobs: bool = False  # deltas carry their tokens' logprobs (the buyer asked for them)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import hashlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -69,8 +70,11 @@ class RunningCompletion:
         prompt_tokens: int,
         run: MinerRun,
         stop: tuple[str, ...] = (),
+        logprobs: bool = False,
     ) -> None:
-        """``stop``: strings that end the output just before the first of them."""
+        """``stop``: strings that end the output just before the first of them. ``logprobs``:
+        deltas carry their tokens with logprobs (decoding each token alone costs a little per
+        token, so only when the buyer asked)."""
         self.id = completion_id
         self.model = entry.name
         self.created = created
@@ -84,8 +88,13 @@ class RunningCompletion:
         self.verified: VerifiedResult | None = None
         self.misbehaved = False
         self.abandoned = False  # the buyer left before any of it could be delivered
+        self.unbillable = False  # its hold failed: whatever was delivered cannot be charged
+        # The request's durable hold, committing while the job runs (set by the service): a
+        # hold that fails ends the stream at the next delta. None: nothing to wait for.
+        self.hold: asyncio.Future[Any] | None = None
         self._entry = entry
         self._stop = stop
+        self._logprobs = logprobs
         self._stream: AsyncGenerator[TextDelta, None] | None = None
 
     def __aiter__(self) -> AsyncIterator[TextDelta]:
@@ -110,7 +119,7 @@ class RunningCompletion:
 
     def cost(self) -> int:
         """What the buyer owes now: delivered tokens only; nothing when nothing was delivered."""
-        if not self.delivered_ids or self.misbehaved or self.abandoned:
+        if not self.delivered_ids or self.misbehaved or self.abandoned or self.unbillable:
             return 0
         return request_cost(
             self._entry,
@@ -139,14 +148,16 @@ class RunningCompletion:
                     ids = list(chunk.token_ids)
                     self.received_ids.extend(ids)
                     self.received_logprobs.extend(chunk.logprobs)
-                    # Token by token, so a stop string is billed up to the token that completed it.
-                    text = ""
-                    for count, token_id in enumerate(ids, 1):
-                        emit, matched = matcher.push(detokenizer.push([token_id]))
-                        text += emit
-                        if matched or count == len(ids):
-                            break
-                    tokens = self._token_logprobs(ids[:count], chunk.logprobs[:count])
+                    if self._stop:
+                        text, count, matched = self._until_stop(ids, detokenizer, matcher)
+                    else:
+                        text, count = detokenizer.push(ids), len(ids)
+                    tokens = (
+                        self._token_logprobs(ids[:count], chunk.logprobs[:count])
+                        if self._logprobs
+                        else ()
+                    )
+                    self._check_hold()
                     yield TextDelta(text=text, token_count=count, tokens=tokens)
                     # Resumed: the consumer took the delta, so it was delivered.
                     self.delivered_ids.extend(ids[:count])
@@ -172,6 +183,21 @@ class RunningCompletion:
         if tail:
             yield TextDelta(text=tail, token_count=0)
 
+    @staticmethod
+    def _until_stop(
+        ids: Sequence[int], detokenizer: IncrementalDetokenizer, matcher: StopMatcher
+    ) -> tuple[str, int, bool]:
+        """The text of ``ids`` up to the token that completes a stop string, if one does; the
+        tokens that text accounts for; whether a stop string matched. Token by token, so a stop
+        string is billed up to the token that completed it."""
+        text = ""
+        for count, token_id in enumerate(ids, 1):
+            emit, matched = matcher.push(detokenizer.push([token_id]))
+            text += emit
+            if matched:
+                return text, count, True
+        return text, len(ids), False
+
     async def _settle_stop(self, chunks: AsyncIterator[miner_pb2.TokenChunk]) -> None:
         """After a stop string: stops the miner and checks its result if it comes in time."""
         self.run.cancel()
@@ -189,6 +215,15 @@ class RunningCompletion:
             return
         assert self.run.result is not None
         self._check(self.run.result)
+
+    def _check_hold(self) -> None:
+        """Raises the hold's error once it failed: nothing more goes out unpaid."""
+        hold = self.hold
+        if hold is not None and hold.done() and not hold.cancelled():
+            error = hold.exception()
+            if error is not None:
+                self.unbillable = True
+                raise error
 
     def _check(self, result: miner_pb2.JobResult) -> None:
         try:

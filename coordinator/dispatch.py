@@ -72,15 +72,17 @@ class MinerRun:
     async def chunks(self) -> AsyncIterator[miner_pb2.TokenChunk]:
         """Token chunks in order; ends when the miner's result arrives (kept in ``result``).
 
+        Chunks that queued up while the reader was busy come as one (``merge_queued``).
+
         Raises UpstreamError when the miner fails, leaves or goes silent.
         """
         if self._first is not None:
             first, self._first = self._first, None
-            yield first
+            yield self.channel.merge_queued(first)
         while True:
             event = await self.channel.next_event(wait_s=self._token_timeout_s)
             if isinstance(event, miner_pb2.TokenChunk):
-                yield event
+                yield self.channel.merge_queued(event)
             elif isinstance(event, miner_pb2.JobResult):
                 self.result = event
                 return

@@ -25,9 +25,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from coordinator.api import Buyer
 from coordinator.errors import LimitKind, RateLimitedError, RateLimitState, SpendLimitError
 from coordinator.job_log import JobLog
-from coordinator.keys import KeyStore
 from ledger.money import format_credits
 
 logger = logging.getLogger(__name__)
@@ -186,20 +186,24 @@ class SpendGuard:
     lock after the job was logged, so a settlement is counted at least once, never zero times.
     """
 
-    def __init__(self, *, keys: KeyStore, job_log: JobLog) -> None:
-        self._keys = keys
+    def __init__(self, *, job_log: JobLog) -> None:
         self._job_log = job_log
         self._lock = asyncio.Lock()
         self._in_flight: dict[str, int] = {}  # key id -> micro-units held by admitted requests
 
-    async def admit(self, key_id: str, amount: int) -> SpendHold | None:
-        """None when the key has no spend limit (or the request is free): nothing to track."""
-        if amount == 0 or await self._keys.spend_limit(key_id) is None:
+    async def admit(self, buyer: Buyer, amount: int) -> SpendHold | None:
+        """Counts ``amount`` against the key's spend limit, or raises :class:`SpendLimitError`.
+
+        None when the key has no spend limit (or the request is free): nothing to track. The
+        limit is the one ``buyer`` carries from authentication, so a key without one costs no
+        query (the key store forgets a cached key as soon as its limit changes).
+        """
+        if amount == 0:
+            return None
+        key_id, limit = buyer.key_id, buyer.spend_limit
+        if limit is None:
             return None
         async with self._lock:
-            limit = await self._keys.spend_limit(key_id)
-            if limit is None:
-                return None
             spent = await self._job_log.spent(key_id)
             held = self._in_flight.get(key_id, 0)
             if spent + held + amount > limit:

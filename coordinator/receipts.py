@@ -4,9 +4,11 @@ After a settlement credits a miner, the miner is sent a ``CreditReceipt``: its s
 exact bytes, the entry's index, an inclusion proof and the signed checkpoint the proof is for.
 The checkpointer signs at most every ``checkpoint_interval_s``, so receipts wait (in memory,
 never blocking the buyer's response) until a checkpoint covers their entry; then all the
-receipts a checkpoint covers are sent in one round. A receipt goes once, to the miner's
-session of that moment: a miner that is offline then gets none (its credit is still in the
-public ledger, where ``/ledger/proof/inclusion`` serves the same proofs).
+receipts a checkpoint covers are sent in one round, their proofs read in one query
+(``LogReader.inclusion_proofs``): a cost per round, not per job, so receipts stay cheap under
+load. A receipt goes once, to the miner's session of that moment: a miner that is offline then
+gets none (its credit is still in the public ledger, where ``/ledger/proof/inclusion`` serves
+the same proofs).
 
 The miner keeps the newest checkpoint it has verified and asks for a ``ConsistencyProof`` to
 each newer one; a ``WitnessAlarm`` from a miner means one of those proofs failed, which is
@@ -33,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 # What an alarm may put in one log line; the message is the miner's text, not to be trusted.
 _MAX_ALARM_LOG_CHARS = 2000
+# Receipts whose proofs are fetched in one query. A round is usually a few hundred; the bound
+# keeps one query's arrays, and the event loop's time assembling its proofs, small when a long
+# wait for a checkpoint lets many pile up.
+_PROOFS_PER_QUERY = 2000
 
 
 @dataclass(frozen=True)
@@ -166,7 +172,7 @@ class LedgerReceipts:
 
     async def _send_ready(self) -> None:
         now = time.monotonic()
-        expired = [p for p in self._pending if now - p.since > self._config.max_wait_s]
+        expired = {p for p in self._pending if now - p.since > self._config.max_wait_s}
         for pending in expired:
             logger.warning(
                 "no checkpoint covered the credit of job %s in %.0f s; receipt dropped",
@@ -179,20 +185,31 @@ class LedgerReceipts:
         if checkpoint is None:
             return
         covered = [p for p in self._pending if p.seq is not None and p.seq < checkpoint.size]
-        if not covered:
-            return
+        for start in range(0, len(covered), _PROOFS_PER_QUERY):
+            await self._send_covered(covered[start : start + _PROOFS_PER_QUERY], checkpoint)
+
+    async def _send_covered(self, covered: list[_Pending], checkpoint: StoredCheckpoint) -> None:
+        """Sends receipts for entries ``checkpoint`` covers: one proof query for all of them."""
+        online = {session.miner_id for session in self._registry.sessions()}
+        proofs = await self._reader.inclusion_proofs(
+            [p.seq for p in covered if p.seq is not None and p.job.miner_id in online],
+            checkpoint.size,
+        )
+        # Sessions as they are after the query: one that closed meanwhile gets no receipt.
         sessions = {session.miner_id: session for session in self._registry.sessions()}
         for pending in covered:
             session = sessions.get(pending.job.miner_id)
-            if session is not None and session.closed_reason is None:
-                await self._send(session, pending, checkpoint)
+            proof = proofs.get(pending.seq) if pending.seq is not None else None
+            if session is not None and session.closed_reason is None and proof is not None:
+                self._send(session, pending, checkpoint, proof)
             else:
                 logger.info(
                     "miner %s is offline: no receipt for job %s",
                     pending.job.miner_id[:12],
                     pending.job.job_id,
                 )
-            self._pending.remove(pending)
+        done = set(covered)
+        self._pending = [p for p in self._pending if p not in done]
 
     async def _find_entries(self, unresolved: list[_Pending]) -> None:
         if not unresolved:
@@ -208,11 +225,14 @@ class LedgerReceipts:
             if row is not None:
                 pending.seq, pending.leaf = row["seq"], row["leaf"]
 
-    async def _send(
-        self, session: MinerSession, pending: _Pending, checkpoint: StoredCheckpoint
+    def _send(
+        self,
+        session: MinerSession,
+        pending: _Pending,
+        checkpoint: StoredCheckpoint,
+        proof: list[bytes],
     ) -> None:
         assert pending.seq is not None
-        proof = await self._reader.inclusion_proof(pending.seq, checkpoint.size)
         receipt = miner_pb2.CreditReceipt(
             job_id=pending.job.job_id,
             entry=pending.leaf,

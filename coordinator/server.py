@@ -175,7 +175,13 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             await site.start()
             http_port = int(runner.addresses[0][1])
             snapshots = MinerSnapshots(pool, registry=registry, interval_s=2.0)
-            async with checkpoints, receipts.running(), checker.running(), snapshots.running():
+            async with (
+                keys.watching(),  # authentications served from memory, revocations heard at once
+                checkpoints,
+                receipts.running(),
+                checker.running(),
+                snapshots.running(),
+            ):
                 # Fenced now: no other coordinator runs, so open holds belong to dead requests.
                 orphaned = await ledger.release_open_holds()
                 if orphaned:

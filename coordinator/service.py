@@ -3,8 +3,10 @@
 Billing rules (docs/architecture.md, "Billing"):
 - cost = ceil((prompt_tokens x input price + completion_tokens x output price) / 1e6) micro-units,
   prices in micro-units per million tokens, rounded up once per request;
-- a request holds its maximum cost first (prompt plus max_tokens), so concurrent requests can
-  never spend more than the balance;
+- a request holds its maximum cost (prompt plus max_tokens), so concurrent requests can never
+  spend more than the balance; it is admitted against an in-memory estimate of the balance and
+  the durable hold commits while the job already runs (``coordinator.admission``), so the
+  commit is not in the time to first token; a hold that fails ends the stream, unbilled;
 - only delivered completion tokens are billed; a request that delivered none costs nothing;
 - a completion cut at a stop string is billed through the token that completed the stop string;
 - the operator's fee is floor(cost x fee_bps / 10000); the miner is credited the rest;
@@ -30,6 +32,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 
+from coordinator.admission import Admission, CreditGuard, CreditsShortError
 from coordinator.api import (
     Buyer,
     CompletionRequest,
@@ -90,6 +93,14 @@ def _check_max_price(entry: CatalogEntry, provider: ProviderPreferences) -> None
             f"No endpoints found matching your max price for model '{entry.name}' "
             f"(credits per million tokens: {'; '.join(too_dear)})"
         )
+
+
+def _insufficient(amount: int, job: miner_pb2.Job, *, available: int) -> InsufficientCreditsError:
+    return InsufficientCreditsError(
+        f"insufficient credits: this request may cost up to {format_credits(amount)} "
+        f"({len(job.prompt_token_ids)} prompt tokens, up to {job.sampling.max_tokens} "
+        f"completion tokens); the balance is {format_credits(max(available, 0))}"
+    )
 
 
 def buyer_account(buyer: Buyer) -> AccountRef:
@@ -153,7 +164,8 @@ class MarketplaceService:
         self._metrics = metrics if metrics is not None else CoordinatorMetrics()
         self._limits = limits
         self._on_finished = on_finished
-        self._spend = SpendGuard(keys=keys, job_log=job_log)
+        self._spend = SpendGuard(job_log=job_log)
+        self._credit = CreditGuard(ledger.balance)
 
     async def authenticate(self, api_key: str) -> Buyer:
         return await self._keys.authenticate(api_key)
@@ -216,11 +228,12 @@ class MarketplaceService:
         )
         spend: SpendHold | None = None
         try:
-            spend = await self._spend.admit(buyer.key_id, max_cost)
-            hold = await self._hold(account, max_cost, job)
+            spend = await self._spend.admit(buyer, max_cost)
+            admission = await self._admit(account, max_cost, job)
         except BaseException:
             await asyncio.shield(self._release_limits(reservation, spend, None))
             raise
+        hold = self._start_hold(admission, job)
         completion: _TimedCompletion | None = None
         try:
             run = await self._dispatcher.start(
@@ -235,15 +248,25 @@ class MarketplaceService:
                 prompt_tokens=len(prompt_ids),
                 run=run,
                 stop=request.stop,
+                logprobs=request.logprobs,
             )
             completion.timer = timer
+            completion.hold = hold
             if reservation is not None:
                 completion.rate_limits = reservation.states
             yield completion
         finally:
             # Shielded: a buyer who disconnects cancels the request, never the settlement.
             await asyncio.shield(
-                self._finish(buyer, hold, entry, completion, reservation=reservation, spend=spend)
+                self._finish(
+                    buyer,
+                    admission,
+                    hold,
+                    entry,
+                    completion,
+                    reservation=reservation,
+                    spend=spend,
+                )
             )
 
     def _tokenize(self, entry: CatalogEntry, request: CompletionRequest) -> list[int]:
@@ -279,7 +302,7 @@ class MarketplaceService:
         room = entry.context_length - prompt_tokens
         if entry.output_price_per_mtok == 0:
             return room
-        balance = await self._ledger.balance(account)
+        balance = await self._credit.available(account)
         budget = balance * 1_000_000 - prompt_tokens * entry.input_price_per_mtok
         affordable = budget // entry.output_price_per_mtok
         if affordable < 1:
@@ -289,19 +312,40 @@ class MarketplaceService:
             )
         return min(room, affordable)
 
-    async def _hold(self, account: AccountRef, amount: int, job: miner_pb2.Job) -> Hold | None:
+    async def _admit(
+        self, account: AccountRef, amount: int, job: miner_pb2.Job
+    ) -> Admission | None:
+        """None for a free model: nothing to hold."""
         if amount == 0:
-            return None  # a free model: nothing to hold
+            return None
         try:
-            return await self._ledger.hold(
-                account, amount, reference=hashlib.sha256(job.job_id.encode()).digest()
+            return await self._credit.admit(account, amount)
+        except CreditsShortError as error:
+            raise _insufficient(amount, job, available=error.available) from None
+
+    def _start_hold(
+        self, admission: Admission | None, job: miner_pb2.Job
+    ) -> asyncio.Future[Hold | None]:
+        """The durable hold, committing while the job runs; settlement waits for it."""
+        if admission is None:
+            done: asyncio.Future[Hold | None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return asyncio.ensure_future(self._hold(admission, job))
+
+    async def _hold(self, admission: Admission, job: miner_pb2.Job) -> Hold:
+        try:
+            hold = await self._ledger.hold(
+                admission.account,
+                admission.amount,
+                reference=hashlib.sha256(job.job_id.encode()).digest(),
             )
         except InsufficientFundsError as error:
-            raise InsufficientCreditsError(
-                f"insufficient credits: this request may cost up to {format_credits(amount)} "
-                f"({len(job.prompt_token_ids)} prompt tokens, up to {job.sampling.max_tokens} "
-                f"completion tokens); the balance is {format_credits(error.available)}"
-            ) from None
+            # Another coordinator over the same ledger spent it first: the estimate was wrong.
+            logger.warning("job %s: the hold was refused after admission", job.job_id)
+            raise _insufficient(admission.amount, job, available=error.available) from None
+        self._credit.held(admission)
+        return hold
 
     async def _release_limits(
         self,
@@ -321,16 +365,33 @@ class MarketplaceService:
     async def _finish(
         self,
         buyer: Buyer,
-        hold: Hold | None,
+        admission: Admission | None,
+        pending_hold: asyncio.Future[Hold | None],
         entry: CatalogEntry,
         completion: _TimedCompletion | None,
         *,
         reservation: Reservation | None,
         spend: SpendHold | None,
     ) -> None:
+        hold: Hold | None = None
+        held = False
+        charged: int | None = None
         try:
-            await self._settle(buyer, hold, entry, completion)
+            try:
+                hold = await pending_hold
+                held = True
+            except Exception as error:
+                logger.warning(
+                    "request of key %s: no hold, nothing billed: %s", buyer.key_id, error
+                )
+                if completion is not None:
+                    completion.unbillable = True
+            charged = await self._settle(buyer, hold, entry, completion)
         finally:
+            if admission is not None:
+                # A hold the ledger could not close still holds its amount: read afresh.
+                settled = held and charged is not None
+                self._credit.finished(admission, charged=charged or 0, held=settled)
             await self._release_limits(reservation, spend, completion)
 
     async def _settle(
@@ -339,14 +400,20 @@ class MarketplaceService:
         hold: Hold | None,
         entry: CatalogEntry,
         completion: _TimedCompletion | None,
-    ) -> None:
+    ) -> int | None:
+        """Closes the hold and logs the job; returns what was charged, None when the ledger
+        could not close the hold."""
         if completion is not None:
             await completion.aclose()
             completion.timer.finished()
         cost = completion.cost() if completion is not None else 0
+        charged: int | None = None
         try:
-            if hold is not None and cost == 0:
+            if hold is None:
+                charged = 0
+            elif cost == 0:
                 await self._ledger.release(hold)
+                charged = 0
             elif hold is not None and completion is not None:
                 fee = cost * self._billing.fee_bps // 10_000
                 reference = (
@@ -362,6 +429,7 @@ class MarketplaceService:
                     fee=fee,
                     reference=reference,
                 )
+                charged = cost
                 self._metrics.billed(entry.name, completion.usage)
                 if self._on_credit is not None and settlement.miner_credit > 0:
                     self._on_credit(
@@ -389,3 +457,4 @@ class MarketplaceService:
         except Exception:
             # The hold stays open and visible to the auditor; never lose it silently.
             logger.exception("settling job for key %s failed", buyer.key_id)
+        return charged

@@ -42,10 +42,25 @@ async def connect(
             embedded = EmbeddedPostgres(data_dir / EMBEDDED_SUBDIR)
             url = (await stack.enter_async_context(embedded)).url
         pool = await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, timeout=connect_timeout
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=connect_timeout,
+            reset=_keep_session,
         )
         stack.push_async_callback(_close, pool)
         yield pool
+
+
+async def _keep_session(connection: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Returns a connection to the pool as it is.
+
+    asyncpg's default sends a reset query (unlock advisory locks, UNLISTEN, RESET ALL) on every
+    release: one more round trip per pooled query, a tenth of a request's database time. Our
+    code keeps no session state on pooled connections (only transaction-scoped advisory locks,
+    listeners on connections of their own), so there is nothing to reset; an open transaction
+    is still rolled back by the pool itself.
+    """
 
 
 async def _close(pool: asyncpg.Pool[asyncpg.Record]) -> None:

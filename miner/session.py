@@ -128,7 +128,9 @@ class Session:
         self, call: _Call, limit_s: float, waiting_for: str
     ) -> miner_pb2.CoordinatorMessage:
         try:
-            message = await asyncio.wait_for(call.read(), limit_s)
+            # asyncio.timeout, not wait_for: no task per message on the per-token path.
+            async with asyncio.timeout(limit_s):
+                message = await call.read()
         except TimeoutError:
             raise ConnectionLostError(
                 f"no {waiting_for} from the coordinator within {limit_s:.1f} s"

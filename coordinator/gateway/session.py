@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,8 @@ class JobChannel:
         self.last_token_at: float | None = None
         self.first_chunk_tokens = 0
         self._stop_ids = frozenset(job.sampling.stop_token_ids)
-        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._events: deque[JobEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # the reader waiting for an event
 
     def accept_tokens(self, token_ids: Sequence[int]) -> str | None:
         """Counts arriving tokens; returns a violation when they cannot follow what came before."""
@@ -69,16 +71,40 @@ class JobChannel:
         return None
 
     def put(self, event: JobEvent) -> None:
-        self._events.put_nowait(event)
+        self._events.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next_event(self, *, wait_s: float) -> JobEvent:
         """The next event; MinerLost when none arrives within ``wait_s`` seconds."""
-        if not self._events.empty():  # no timer for an event that is already here
-            return self._events.get_nowait()
-        try:
-            return await asyncio.wait_for(self._events.get(), wait_s)
-        except TimeoutError:
-            return MinerLost(f"no answer from the miner within {wait_s:g} s")
+        if not self._events:
+            # A bare future and one timer: asyncio.wait_for around a queue would add a task.
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._waiter
+            except TimeoutError:
+                return MinerLost(f"no answer from the miner within {wait_s:g} s")
+            finally:
+                self._waiter = None
+        return self._events.popleft()
+
+    def merge_queued(self, chunk: miner_pb2.TokenChunk) -> miner_pb2.TokenChunk:
+        """``chunk`` followed by the token chunks already queued behind it, as one chunk.
+
+        A reader that fell behind the miner (a slow buyer, a busy coordinator) then handles
+        one delta instead of many: the text and the billing are the same, the work is not.
+        """
+        if not self._events or not isinstance(self._events[0], miner_pb2.TokenChunk):
+            return chunk
+        merged = miner_pb2.TokenChunk()
+        merged.CopyFrom(chunk)
+        while self._events and isinstance(self._events[0], miner_pb2.TokenChunk):
+            following = self._events.popleft()
+            assert isinstance(following, miner_pb2.TokenChunk)
+            merged.token_ids.extend(following.token_ids)
+            merged.logprobs.extend(following.logprobs)
+        return merged
 
 
 class MinerSession:

@@ -112,9 +112,10 @@ def _parse_common(
         seed=_parse_seed(fields.get("seed")),
         stop=_parse_stop(fields.get("stop")),
         provider=parse_provider(fields.get("provider")),
+        logprobs=_parse_logprobs(fields, endpoint),
     )
     options = _parse_stream_options(fields)
-    return request, replace(options, logprobs=_parse_logprobs(fields, endpoint))
+    return request, replace(options, logprobs=request.logprobs)
 
 
 def _reject_unsupported(fields: JsonObject) -> None:

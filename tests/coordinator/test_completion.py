@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 
@@ -11,7 +12,7 @@ from coordinator.api import Usage
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import MinerMisbehaved, RunningCompletion
 from coordinator.dispatch import MinerRun
-from coordinator.errors import UpstreamError
+from coordinator.errors import InsufficientCreditsError, UpstreamError
 from coordinator.gateway.session import MinerSession
 from proto import miner_pb2
 from proto.signing import output_digest, receipt_message, request_digest
@@ -42,7 +43,12 @@ def session(catalog: Catalog, key: MinerKey) -> MinerSession:
 
 
 async def start(
-    session: MinerSession, entry: CatalogEntry, job: miner_pb2.Job, pieces: Sequence[Sequence[int]]
+    session: MinerSession,
+    entry: CatalogEntry,
+    job: miner_pb2.Job,
+    pieces: Sequence[Sequence[int]],
+    *,
+    logprobs: bool = False,
 ) -> RunningCompletion:
     """A completion whose miner has streamed ``pieces`` (the first one is the first token)."""
     channel = session.start_job(job)
@@ -57,6 +63,7 @@ async def start(
         entry=entry,
         prompt_tokens=len(job.prompt_token_ids),
         run=run,
+        logprobs=logprobs,
     )
 
 
@@ -130,17 +137,65 @@ async def test_deltas_spell_the_decoded_text_and_a_valid_receipt_is_verified(
     assert not completion.misbehaved and session.closed_reason is None
 
 
+@pytest.mark.parametrize("logprobs", [False, True])
+async def test_deltas_carry_their_tokens_only_when_logprobs_were_asked_for(
+    session: MinerSession, key: MinerKey, entry: CatalogEntry, logprobs: bool
+) -> None:
+    text = "one two three"
+    ids = [*text_ids(entry, text), stop_id(entry)]
+    job = make_job(entry, max_tokens=64)
+    pieces = [ids[:3], ids[3:7], ids[7:]]
+    completion = await start(session, entry, job, pieces, logprobs=logprobs)
+    finish(session, key, entry, job, ids, FINISH.FINISH_REASON_STOP)
+
+    deltas = [delta async for delta in completion]
+    assert "".join(delta.text for delta in deltas) == text
+    tokens = [token for delta in deltas for token in delta.tokens]
+    if logprobs:
+        assert [token.token_id for token in tokens] == ids
+        assert [token.logprob for token in tokens] == completion.received_logprobs
+        assert b"".join(token.raw for token in tokens[:-1]) == text.encode()
+    else:
+        assert tokens == []
+
+
+async def test_a_failed_hold_ends_the_stream_and_bills_nothing(
+    session: MinerSession, entry: CatalogEntry
+) -> None:
+    ids = text_ids(entry, "abcdef")
+    job = make_job(entry, max_tokens=16)
+    completion = await start(session, entry, job, [ids[:1]])
+    hold: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    completion.hold = hold
+    deltas = aiter(completion)
+    assert (await anext(deltas)).text == "a"
+    assert session.deliver(chunk(job.job_id, ids[1:2])) is None
+    assert (await anext(deltas)).text == "b"  # the hold is still committing: tokens flow
+    assert session.deliver(chunk(job.job_id, ids[2:])) is None
+    hold.set_exception(InsufficientCreditsError("insufficient credits"))
+    with pytest.raises(InsufficientCreditsError):
+        await anext(deltas)
+    await completion.aclose()
+
+    assert completion.delivered_ids == ids[:2]  # delivered, yet nothing can be charged
+    assert completion.unbillable and completion.cost() == 0
+    assert completion.usage.cost == 0
+    assert cancelled_ids(outbox_messages(session)) == [job.job_id]  # the miner stops
+
+
 async def test_a_delta_is_delivered_once_the_consumer_comes_back(
     session: MinerSession, entry: CatalogEntry
 ) -> None:
     ids = text_ids(entry, "abcde")
     job = make_job(entry, max_tokens=16)
-    completion = await start(session, entry, job, [[token] for token in ids])
+    completion = await start(session, entry, job, [ids[:1]])
     deltas = aiter(completion)
     assert (await anext(deltas)).text == "a"
     assert completion.delivered_ids == [] and completion.cost() == 0
+    assert session.deliver(chunk(job.job_id, ids[1:2])) is None
     assert (await anext(deltas)).text == "b"
     assert completion.delivered_ids == ids[:1]
+    assert session.deliver(chunk(job.job_id, ids[2:3])) is None
     assert (await anext(deltas)).text == "c"  # taken, never acknowledged: not delivered
     outbox_messages(session)
     await completion.aclose()

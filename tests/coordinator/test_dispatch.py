@@ -310,10 +310,31 @@ async def test_chunks_then_the_result(
     result = signed_result(run.job, receipt, FINISH.FINISH_REASON_LENGTH, key=MinerKey())
     assert session.deliver(result_message(result)) is None
     seen = [list(piece.token_ids) async for piece in run.chunks()]
-    assert seen == [[1], [2, 3], [4]]
+    assert seen == [[1, 2, 3, 4]]  # queued while nobody read: one chunk
     assert run.result == result and run.done
     run.cancel()  # done: nothing to cancel
     assert outbox_messages(session) == []
+
+
+async def test_chunks_come_one_by_one_to_a_reader_that_keeps_up(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    session, run = await running(catalog, registry, entry)
+    job_id = run.job.job_id
+    chunks = aiter(run.chunks())
+    assert list((await anext(chunks)).token_ids) == [1]
+    assert session.deliver(chunk(job_id, [2, 3])) is None
+    assert list((await anext(chunks)).token_ids) == [2, 3]
+    assert session.deliver(chunk(job_id, [4])) is None
+    assert session.deliver(chunk(job_id, [5])) is None  # the reader fell behind
+    receipt = receipt_for(run.job, [1, 2, 3, 4, 5], weights_sha256=entry.weights_sha256)
+    result = signed_result(run.job, receipt, FINISH.FINISH_REASON_LENGTH, key=MinerKey())
+    assert session.deliver(result_message(result)) is None
+    merged = await anext(chunks)
+    assert list(merged.token_ids) == [4, 5] and list(merged.logprobs) == [-0.5, -0.5]
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
+    assert run.result == result
 
 
 def _fail(session: MinerSession, job_id: str) -> None:
@@ -347,7 +368,7 @@ async def test_trouble_mid_stream_is_an_upstream_error(
     with pytest.raises(UpstreamError, match=expected):
         async for piece in run.chunks():
             seen.append(list(piece.token_ids))
-    assert seen == [[1], [2]]
+    assert seen == [[1, 2]]
     assert run.result is None
 
 

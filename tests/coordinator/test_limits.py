@@ -23,7 +23,7 @@ from coordinator.gateway.session import MinerSession
 from coordinator.http.errors import duration
 from coordinator.job_log import JobLog
 from coordinator.keys import KeyStore
-from coordinator.limits import LimitsConfig, RateLimiter
+from coordinator.limits import LimitsConfig, RateLimiter, SpendGuard
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router
 from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
@@ -222,6 +222,7 @@ class Market:
     keys: KeyStore
     entry: CatalogEntry
     buyer: Buyer
+    secret: str  # the buyer's API key
     key: MinerKey
     session: MinerSession
 
@@ -229,6 +230,10 @@ class Market:
         assert request.messages is not None and request.max_tokens is not None
         prompt = len(self.entry.tokenizer.encode_chat(request.messages))
         return request_cost(self.entry, prompt_tokens=prompt, completion_tokens=request.max_tokens)
+
+    async def authenticate(self) -> Buyer:
+        """The buyer as a new request sees it (with its spend limit now)."""
+        return await self.service.authenticate(self.secret)
 
     async def kinds(self) -> list[EntryKind]:
         return [entry.kind for entry in await self.ledger.entries()]
@@ -252,14 +257,15 @@ async def make_market(pool: Pool, catalog: Catalog, limits: RateLimiter | None) 
         job_log=await JobLog.create(pool),
         limits=limits,
     )
-    buyer = await service.authenticate((await keys.issue("alice")).secret)
+    secret = (await keys.issue("alice")).secret
+    buyer = await service.authenticate(secret)
     await ledger.open_account(buyer_account(buyer))
     await ledger.mint(buyer_account(buyer), 10_000_000)
     key = MinerKey()
     session = make_session(catalog, key=key)
     registry.add(session)
     await ledger.open_account(miner_account(session.miner_id))
-    return Market(service, ledger, keys, catalog.get(MODEL), buyer, key, session)
+    return Market(service, ledger, keys, catalog.get(MODEL), buyer, secret, key, session)
 
 
 async def test_a_spend_limit_refuses_before_anything_is_held(
@@ -269,26 +275,45 @@ async def test_a_spend_limit_refuses_before_anything_is_held(
     request = chat(max_tokens=16)
     max_cost = market.max_cost(request)
     assert await market.keys.set_spend_limit(market.buyer.key_id, max_cost - 1)
+    buyer = await market.authenticate()
     with pytest.raises(SpendLimitError, match="spend limit reached"):
-        async with market.service.complete(market.buyer, request):
+        async with market.service.complete(buyer, request):
             pytest.fail("the completion started")
     assert await market.kinds() == [EntryKind.MINT]
     assert outbox_messages(market.session) == []
 
     assert await market.keys.set_spend_limit(market.buyer.key_id, max_cost)  # exactly enough
+    buyer = await market.authenticate()
     miner = await market.play("Hi")
-    async with market.service.complete(market.buyer, request) as completion:
+    async with market.service.complete(buyer, request) as completion:
         _ = [delta async for delta in completion]
     await asyncio.wait_for(miner, WAIT_S)
     assert 0 < completion.usage.cost < max_cost
     kinds = await market.kinds()
     assert kinds[:3] == [EntryKind.MINT, EntryKind.HOLD, EntryKind.SETTLE]
     with pytest.raises(SpendLimitError):  # what it spent now counts against the limit
-        async with market.service.complete(market.buyer, request):
+        async with market.service.complete(buyer, request):
             pytest.fail("the completion started")
     assert await market.kinds() == kinds
     assert await market.keys.set_spend_limit(market.buyer.key_id, None)
     assert await market.keys.spend_limit(market.buyer.key_id) is None
+
+
+async def test_the_spend_guard_takes_the_limit_from_the_buyer(db_pool: Pool) -> None:
+    keys = await KeyStore.create(db_pool)
+    guard = SpendGuard(job_log=await JobLog.create(db_pool))
+    key = await keys.issue("alice", spend_limit=100)
+    # The Buyer is what authentication said; the guard does not ask the database again.
+    assert await guard.admit(Buyer(key.key_id, "alice", spend_limit=None), 1_000) is None
+    limited = Buyer(key.key_id, "alice", spend_limit=150)
+    first = await guard.admit(limited, 90)
+    assert first is not None and first.amount == 90
+    with pytest.raises(SpendLimitError, match="held by requests in flight"):
+        await guard.admit(limited, 61)  # 90 held + 61 > 150
+    await guard.finished(first)
+    second = await guard.admit(limited, 150)
+    assert second is not None
+    await guard.finished(second)
 
 
 async def test_a_rate_limited_request_is_refused_before_anything_is_held(

@@ -166,6 +166,8 @@ async def test_a_finished_job_is_settled_exactly_and_recorded(market: Market) ->
     miner = asyncio.create_task(play_job(market.session, market.key, market.entry, answer))
 
     async with market.service.complete(market.buyer, request) as completion:
+        assert completion.hold is not None
+        await completion.hold  # the durable hold commits while the job runs
         buyer, _, _, escrow = await market.balances()
         assert CREDIT - buyer == escrow - escrow_before == cost(market, request, 32)  # the hold
         text = "".join([delta.text async for delta in completion])
@@ -221,6 +223,8 @@ async def test_without_max_tokens_the_hold_is_sized_by_the_balance(market: Marke
         )
     )
     async with market.service.complete(market.buyer, request) as completion:
+        assert completion.hold is not None
+        await completion.hold
         held = balance - await market.ledger.balance(market.account)
         assert held == cost(market, request, affordable) <= balance
         deltas = [delta async for delta in completion]
@@ -391,6 +395,11 @@ async def test_a_queued_request_is_held_then_served_when_the_slot_frees(market: 
 
     buyer = asyncio.create_task(buy())
     await wait_until(lambda: market.dispatcher.queue_depth(MODEL) == 1)
+    # The hold commits while the request waits in the queue.
+    for _ in range(100):
+        if await market.ledger.balance(market.account) < CREDIT:
+            break
+        await asyncio.sleep(0.01)
     assert CREDIT - await market.ledger.balance(market.account) == cost(market, request, 8)
     miner = asyncio.create_task(play_job(market.session, market.key, market.entry, answer))
     assert market.session.deliver(failure(placeholder.job_id, "finished")) is None

@@ -130,6 +130,7 @@ async def start(
         prompt_tokens=len(job.prompt_token_ids),
         run=MinerRun(session, channel, first, token_timeout_s=WAIT_S),
         stop=(stop,),
+        logprobs=True,
     )
 
 

@@ -22,6 +22,8 @@ from coordinator.registry import MinerRegistry
 from ledger.checkpoint import CheckpointSigner
 from ledger.checkpointer import Checkpointer, CheckpointerConfig
 from ledger.interface import AccountKind, AccountRef
+from ledger.log_reader import StoredCheckpoint
+from ledger.merkle import leaf_hash, verify_inclusion
 from ledger.postgres import PostgresLedger
 from miner.identity import Identity
 from miner.witness import Witness, WitnessLink
@@ -192,3 +194,81 @@ async def test_consistency_requests_are_answered_and_impossible_ones_refused(
             assert proof.hashes and not proof.error
         else:
             assert "beyond the log" in proof.error and not proof.hashes
+
+
+async def test_a_round_of_receipts_costs_the_same_queries_for_one_job_or_many(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    statements: list[str] = []
+
+    async def init(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        conn.add_query_logger(lambda logged: statements.append(logged.query))
+
+    # One connection, so the warm-up round leaves no cold one (asyncpg introspects types on a
+    # connection's first use of them, which would count as queries).
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1, init=init)
+    try:
+        ledger = await PostgresLedger.create(pool)
+        await ledger.open_account(BUYER)
+        await ledger.mint(BUYER, 1_000_000)
+        signer = CheckpointSigner(ORIGIN, Ed25519PrivateKey.generate())
+        checkpointer = Checkpointer(pool, signer, CheckpointerConfig(ORIGIN))
+        registry = MinerRegistry()
+        receipts = LedgerReceipts(
+            pool, registry=registry, origin=ORIGIN, verifier_key=signer.verifier_key
+        )
+        market = Market(ledger, receipts, registry, signer, pool)
+        identities = [Identity.generate() for _ in range(3)]
+        sessions = {identity.miner_id: market.session(identity) for identity in identities}
+        miners = list(sessions)
+        offline = "ef" * 32
+
+        async def round_of(jobs: list[tuple[str, str]]) -> tuple[int, StoredCheckpoint]:
+            await asyncio.gather(
+                *(
+                    market.pay(miner, job, credit=10 + n, fee=1)
+                    for n, (miner, job) in enumerate(jobs)
+                )
+            )
+            checkpoint = await checkpointer.checkpoint()
+            assert checkpoint is not None
+            await asyncio.sleep(0)  # asyncpg logs each query from a call_soon callback
+            before = len(statements)
+            await receipts._send_ready()  # the loop's step, without its polling
+            await asyncio.sleep(0)
+            return len(statements) - before, checkpoint
+
+        alone = [(miners[0], "job-alone")]
+        crowd = [(miners[n % 3], f"job-{n}") for n in range(60)] + [(offline, "job-offline")]
+        with caplog.at_level(logging.INFO, logger="coordinator.receipts"):
+            _, warm_up = await round_of([(miners[1], "job-warm-up")])
+            one, first = await round_of(alone)
+            many, second = await round_of(crowd)
+        assert one == many
+        assert receipts._pending == []
+        assert [r.getMessage() for r in caplog.records if "offline" in r.getMessage()] == [
+            f"miner {offline[:12]} is offline: no receipt for job job-offline"
+        ]
+        checkpoints = {c.size: c for c in (warm_up, first, second)}
+        delivered: dict[str, str] = {}
+        for miner, session in sessions.items():
+            while not session.outbox.empty():
+                message = session.outbox.get_nowait()
+                assert message is not None and message.WhichOneof("body") == "credit_receipt"
+                receipt = message.credit_receipt
+                checkpoint = checkpoints[receipt.tree_size]
+                assert receipt.checkpoint == checkpoint.note
+                assert receipt.index < checkpoint.size
+                assert verify_inclusion(
+                    leaf_hash(receipt.entry),
+                    receipt.index,
+                    receipt.tree_size,
+                    list(receipt.inclusion_proof),
+                    checkpoint.root,
+                )
+                delivered[receipt.job_id] = miner
+        paid = [(miners[1], "job-warm-up"), *alone, *crowd]
+        assert delivered == {job: miner for miner, job in paid if miner != offline}
+        await ledger.aclose()
+    finally:
+        await pool.close()
