@@ -3,8 +3,10 @@
 A request may cost up to its maximum (prompt plus max_tokens). The ledger's hold moves that much
 into escrow in a durable transaction (about 5 ms here): waiting for it before dispatching the
 job would put that commit in every request's time to first token. Instead the coordinator
-admits the request against its own estimate of what the buyer can still spend, starts the
-durable hold and the job together, and settles against the hold once it committed.
+admits the request against its own estimate of what the buyer can still spend, dispatches the
+job, places the durable hold once the first delta was delivered (so a request that found no
+miner or delivered nothing writes nothing to the ledger, and the commit's work on the event loop
+never delays the first token), and settles against the hold once it committed.
 
 The estimate per buyer account: the balance the ledger last reported, minus the maximum cost
 of every request admitted since whose hold has not committed yet (``pending``), minus what
@@ -107,6 +109,15 @@ class CreditGuard:
         if state is not None:
             state.pending -= admission.amount
             state.commits += 1
+
+    def cancel(self, admission: Admission) -> None:
+        """The request ended before its durable hold was placed: all of it is free again."""
+        state = self._accounts.get(admission.account)
+        if state is None:
+            return
+        state.in_flight -= 1
+        state.pending -= admission.amount
+        state.available += admission.amount
 
     def finished(self, admission: Admission, *, charged: int, held: bool) -> None:
         """The request is over: ``charged`` of its maximum was billed, the rest is free again.

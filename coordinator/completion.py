@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,8 +89,11 @@ class RunningCompletion:
         self.misbehaved = False
         self.abandoned = False  # the buyer left before any of it could be delivered
         self.unbillable = False  # its hold failed: whatever was delivered cannot be charged
-        # The request's durable hold, committing while the job runs (set by the service): a
-        # hold that fails ends the stream at the next delta. None: nothing to wait for.
+        # Places the request's durable hold (set by the service); called once, when the first
+        # delta was delivered, so the ledger's work never delays the first token.
+        self.place_hold: Callable[[], asyncio.Future[Any]] | None = None
+        # That hold, committing while the job runs: once it failed, the stream ends at the next
+        # delta. None until the first delta was delivered.
         self.hold: asyncio.Future[Any] | None = None
         self._entry = entry
         self._stop = stop
@@ -161,6 +164,8 @@ class RunningCompletion:
                     yield TextDelta(text=text, token_count=count, tokens=tokens)
                     # Resumed: the consumer took the delta, so it was delivered.
                     self.delivered_ids.extend(ids[:count])
+                    if self.hold is None and self.place_hold is not None:
+                        self.hold = self.place_hold()
                     if matched:
                         self.stopped = True
                         break

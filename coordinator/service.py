@@ -5,8 +5,9 @@ Billing rules (docs/architecture.md, "Billing"):
   prices in micro-units per million tokens, rounded up once per request;
 - a request holds its maximum cost (prompt plus max_tokens), so concurrent requests can never
   spend more than the balance; it is admitted against an in-memory estimate of the balance and
-  the durable hold commits while the job already runs (``coordinator.admission``), so the
-  commit is not in the time to first token; a hold that fails ends the stream, unbilled;
+  the durable hold is placed once the first delta was delivered and commits while the job runs
+  (``coordinator.admission``), so the commit is not in the time to first token and a request
+  that delivered nothing writes nothing to the ledger; a hold that fails ends the stream;
 - only delivered completion tokens are billed; a request that delivered none costs nothing;
 - a completion cut at a stop string is billed through the token that completed the stop string;
 - the operator's fee is floor(cost x fee_bps / 10000); the miner is credited the rest;
@@ -22,6 +23,7 @@ the way OpenRouter refuses a request no endpoint matches: NoMatchingEndpointErro
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -233,7 +235,6 @@ class MarketplaceService:
         except BaseException:
             await asyncio.shield(self._release_limits(reservation, spend, None))
             raise
-        hold = self._start_hold(admission, job)
         completion: _TimedCompletion | None = None
         try:
             run = await self._dispatcher.start(
@@ -251,7 +252,10 @@ class MarketplaceService:
                 logprobs=request.logprobs,
             )
             completion.timer = timer
-            completion.hold = hold
+            # Placed once the first delta was delivered: a request that found no miner, or
+            # delivered nothing, wrote nothing to the ledger, and the commit's work on the event
+            # loop never delays the first token.
+            completion.place_hold = functools.partial(self._start_hold, admission, job)
             if reservation is not None:
                 completion.rate_limits = reservation.states
             yield completion
@@ -261,7 +265,6 @@ class MarketplaceService:
                 self._finish(
                     buyer,
                     admission,
-                    hold,
                     entry,
                     completion,
                     reservation=reservation,
@@ -366,13 +369,22 @@ class MarketplaceService:
         self,
         buyer: Buyer,
         admission: Admission | None,
-        pending_hold: asyncio.Future[Hold | None],
         entry: CatalogEntry,
         completion: _TimedCompletion | None,
         *,
         reservation: Reservation | None,
         spend: SpendHold | None,
     ) -> None:
+        pending_hold = completion.hold if completion is not None else None
+        if pending_hold is None:
+            # No miner took the job, or nothing was delivered: nothing was held or is owed.
+            try:
+                await self._settle(buyer, None, entry, completion)  # logs a job that ran
+            finally:
+                if admission is not None:
+                    self._credit.cancel(admission)
+                await self._release_limits(reservation, spend, completion)
+            return
         hold: Hold | None = None
         held = False
         charged: int | None = None

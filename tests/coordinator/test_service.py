@@ -166,11 +166,15 @@ async def test_a_finished_job_is_settled_exactly_and_recorded(market: Market) ->
     miner = asyncio.create_task(play_job(market.session, market.key, market.entry, answer))
 
     async with market.service.complete(market.buyer, request) as completion:
-        assert completion.hold is not None
-        await completion.hold  # the durable hold commits while the job runs
+        deltas = aiter(completion)
+        first = await anext(deltas)
+        assert completion.hold is None  # nothing delivered yet: nothing held in the ledger
+        assert await market.balances() == (CREDIT, 0, 0, escrow_before)
+        text = first.text + "".join([delta.text async for delta in deltas])
+        assert completion.hold is not None  # placed when the first delta was delivered
+        await completion.hold
         buyer, _, _, escrow = await market.balances()
         assert CREDIT - buyer == escrow - escrow_before == cost(market, request, 32)  # the hold
-        text = "".join([delta.text async for delta in completion])
     job, _ = await asyncio.wait_for(miner, WAIT_S)
 
     assert text == "Hi there!" and completion.finish_reason == "stop"
@@ -223,11 +227,11 @@ async def test_without_max_tokens_the_hold_is_sized_by_the_balance(market: Marke
         )
     )
     async with market.service.complete(market.buyer, request) as completion:
+        deltas = [delta async for delta in completion]
         assert completion.hold is not None
         await completion.hold
         held = balance - await market.ledger.balance(market.account)
         assert held == cost(market, request, affordable) <= balance
-        deltas = [delta async for delta in completion]
     job, _ = await asyncio.wait_for(miner, WAIT_S)
 
     assert job.sampling.max_tokens == affordable
@@ -301,14 +305,14 @@ async def test_no_miner_connected_charges_nothing(market: Market) -> None:
     assert await market.entry_kinds() == [EntryKind.MINT]
 
 
-async def test_no_free_miner_releases_the_hold(market: Market) -> None:
+async def test_no_free_miner_writes_nothing_to_the_ledger(market: Market) -> None:
     await market.ledger.mint(market.account, CREDIT)
     busy(market.session)
     with pytest.raises(NoMinerAvailableError) as raised:
         async with market.service.complete(market.buyer, chat(max_tokens=8)):
             pytest.fail("the completion started")
     assert raised.value.retry_after == DISPATCH.retry_after_s
-    assert await market.entry_kinds() == [EntryKind.MINT, EntryKind.HOLD, EntryKind.RELEASE]
+    assert await market.entry_kinds() == [EntryKind.MINT]  # no hold before a first token
     assert await market.balances() == (CREDIT, 0, 0, 0)
 
 
@@ -381,7 +385,7 @@ async def test_a_cancelled_request_is_still_settled(market: Market) -> None:
 # --- the queue and the buyer's provider preferences ---------------------------------------------
 
 
-async def test_a_queued_request_is_held_then_served_when_the_slot_frees(market: Market) -> None:
+async def test_a_queued_request_is_reserved_then_served_when_the_slot_frees(market: Market) -> None:
     await market.ledger.mint(market.account, CREDIT)
     placeholder = miner_pb2.Job(job_id="job-elsewhere", model=MODEL)
     market.session.start_job(placeholder)
@@ -395,12 +399,11 @@ async def test_a_queued_request_is_held_then_served_when_the_slot_frees(market: 
 
     buyer = asyncio.create_task(buy())
     await wait_until(lambda: market.dispatcher.queue_depth(MODEL) == 1)
-    # The hold commits while the request waits in the queue.
-    for _ in range(100):
-        if await market.ledger.balance(market.account) < CREDIT:
-            break
-        await asyncio.sleep(0.01)
-    assert CREDIT - await market.ledger.balance(market.account) == cost(market, request, 8)
+    # Waiting in the queue holds nothing in the ledger; the admission reserves it in memory.
+    assert await market.ledger.balance(market.account) == CREDIT
+    assert await market.service._credit.available(market.account) == CREDIT - cost(
+        market, request, 8
+    )
     miner = asyncio.create_task(play_job(market.session, market.key, market.entry, answer))
     assert market.session.deliver(failure(placeholder.job_id, "finished")) is None
     assert await asyncio.wait_for(buyer, WAIT_S) == "ok"
@@ -424,7 +427,7 @@ async def test_a_buyer_who_leaves_the_queue_pays_nothing(market: Market) -> None
     with pytest.raises(asyncio.CancelledError):
         await buyer
     assert market.dispatcher.queue_depth(MODEL) == 0
-    assert await market.entry_kinds() == [EntryKind.MINT, EntryKind.HOLD, EntryKind.RELEASE]
+    assert await market.entry_kinds() == [EntryKind.MINT]  # no hold before a first token
     assert await market.balances() == (CREDIT, 0, 0, 0)
     assert outbox_messages(market.session) == []
 
@@ -486,7 +489,7 @@ async def test_without_fallbacks_a_failing_miner_is_a_503_and_costs_nothing(
     chosen = await asyncio.wait_for(miner, WAIT_S)
     spare = other if chosen is market.session else market.session
     assert outbox_messages(spare) == []  # a free miner, never tried
-    assert await market.entry_kinds() == [EntryKind.MINT, EntryKind.HOLD, EntryKind.RELEASE]
+    assert await market.entry_kinds() == [EntryKind.MINT]  # no hold before a first token
 
 
 async def test_sort_by_latency_reaches_the_router(market: Market, catalog: Catalog) -> None:
