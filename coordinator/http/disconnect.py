@@ -37,35 +37,38 @@ async def entered_unless_gone(
     request: web.Request, context: AbstractAsyncContextManager[_T]
 ) -> AsyncIterator[_T]:
     """Enters ``context`` like ``async with``, but raises :class:`ClientGone` (after cancelling
-    the entry) when the client disconnects before the entry completes."""
-    entering = asyncio.ensure_future(context.__aenter__())
+    the entry) when the client disconnects before the entry completes.
+
+    The entry runs in the caller's task (a task of its own would cost every request a hop
+    through the event loop before its first token); a timer looks at the connection every
+    :data:`POLL_S` and, when the client has gone, cancels the caller's task. That cancellation
+    lands inside the entry, which cleans up as for any cancellation, and comes out here as
+    ClientGone. The timer is cancelled the moment the entry returns, before the event loop can
+    run it again, so it never hits the body of the block.
+    """
+    task = asyncio.current_task()
+    assert task is not None, "entered_unless_gone runs in a task"
+    loop = asyncio.get_running_loop()
+    gone = False
+    timer: asyncio.TimerHandle
+
+    def look() -> None:
+        nonlocal gone, timer
+        if client_gone(request):
+            gone = True
+            task.cancel()
+        else:
+            timer = loop.call_later(POLL_S, look)
+
+    timer = loop.call_later(POLL_S, look)
     try:
-        while not entering.done():
-            await asyncio.wait({entering}, timeout=POLL_S)
-            if not entering.done() and client_gone(request):
-                await _abandon(entering, context)
-    except BaseException:
-        entering.cancel()  # our own task is being cancelled, or the client left
-        raise
-    value = entering.result()
+        value = await context.__aenter__()
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone from None
+        raise  # our own task is being cancelled too
+    finally:
+        timer.cancel()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_exit(context.__aexit__)
         yield value
-
-
-async def _abandon(entering: asyncio.Future[_T], context: AbstractAsyncContextManager[_T]) -> None:
-    """Cancels the entry and raises ClientGone (leaving the context if it got entered anyway)."""
-    entering.cancel()
-    try:
-        await entering
-    except asyncio.CancelledError:
-        if _current_task_cancelling():
-            raise
-        raise ClientGone from None
-    await context.__aexit__(None, None, None)  # it finished before the cancel landed
-    raise ClientGone
-
-
-def _current_task_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
