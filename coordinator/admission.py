@@ -82,11 +82,12 @@ class CreditGuard:
         self._lock = asyncio.Lock()  # one balance read at a time: reads and admissions interleave
 
     async def available(self, account: AccountRef) -> int:
-        """What the account can commit to a new request now (the estimate, read if unknown)."""
-        state = self._accounts.get(account)
-        if state is None or state.stale:
-            state = await self._refresh(account)
-        return state.available
+        """What the account can commit to a new request now, from a fresh read of its balance.
+
+        For sizing a request by the balance (no max_tokens): the estimate may be low after money
+        arrived from elsewhere, and a request sized by it would be cut short for no reason.
+        """
+        return (await self._refresh(account)).available
 
     async def admit(self, account: AccountRef, amount: int) -> Admission:
         """Takes ``amount`` from the estimate, reading the balance first when it looks short.
