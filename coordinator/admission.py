@@ -11,16 +11,15 @@ never delays the first token), and settles against the hold once it committed.
 The estimate per buyer account: the balance the ledger last reported, minus the maximum cost
 of every request admitted since whose hold has not committed yet (``pending``), minus what
 committed holds took since that read. Concretely, ``available`` is decreased by a request's
-maximum at admission and increased by the unused part when it finishes. It is exact while
-this process is the only one placing holds for the account; money arriving from elsewhere
-(``ledger mint``, refunds) only makes it low, and a request the estimate refuses re-reads the
-balance before it is refused. So:
+maximum at admission and increased by the unused part when it finishes. It is exact because
+one coordinator process places every hold (a second coordinator on the same database refuses
+to start: docs/ledger.md); money arriving from elsewhere (``credits add``, refunds) only makes
+it low, and a request the estimate refuses re-reads the balance before it is refused. So:
 
 - a buyer is never refused for want of credits it has;
 - a buyer can never spend more than it has: the durable hold is still the authority (the
-  ledger refuses to take a balance below zero), and a hold that fails (another coordinator
-  over the same database spent the money first, or the database is down) ends the stream with
-  an error, and nothing is billed for it.
+  ledger refuses to take a balance below zero), and a hold that fails anyway (the database is
+  down, or a bug) ends the stream with an error, and nothing is billed for it.
 
 The cost of that last case is what the buyer received before the failed hold was noticed
 (the tokens of a few milliseconds), paid by nobody: the price of not waiting for a commit.

@@ -6,6 +6,7 @@ each row is the reference of the job's ledger settlement.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -62,9 +63,25 @@ class JobRecord:
         )
 
 
+_INSERT_JOBS = (
+    "INSERT INTO coordinator_jobs (job_id, key_id, miner_id, model, prompt_tokens, "
+    "completion_tokens, cost, finish_reason, receipt, receipt_signature) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::integer[], "
+    "$6::integer[], $7::bigint[], $8::text[], $9::bytea[], $10::bytea[])"
+)
+
+
 class JobLog:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """The job table. Rows of jobs that finish while one insert is under way go in the next
+    insert together (group commit, as the ledger does), so under load a request costs a share
+    of a round trip instead of one; a lone job is written at once. Call :meth:`aclose` before
+    the pool closes."""
+
+    def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 500) -> None:
         self._pool = pool
+        self._max_batch = max_batch
+        self._queue: list[tuple[JobRecord, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(cls, pool: asyncpg.Pool) -> JobLog:
@@ -73,20 +90,55 @@ class JobLog:
         return cls(pool)
 
     async def record(self, job: JobRecord) -> None:
+        """Logs ``job``; returns once its row committed (raises what the insert raised)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((job, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        await asyncio.shield(future)
+
+    async def aclose(self) -> None:
+        """Waits until every job handed to :meth:`record` is written (or failed)."""
+        while self._writer is not None and not self._writer.done():
+            await self._writer
+
+    async def _write(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            try:
+                await self._insert([job for job, _ in batch])
+            except Exception:
+                # One bad row must not fail the others: write them one by one.
+                for job, future in batch:
+                    await self._write_one(job, future)
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def _write_one(self, job: JobRecord, future: asyncio.Future[None]) -> None:
+        try:
+            await self._insert([job])
+        except Exception as error:
+            if not future.done():
+                future.set_exception(error)
+        else:
+            if not future.done():
+                future.set_result(None)
+
+    async def _insert(self, jobs: list[JobRecord]) -> None:
         await self._pool.execute(
-            "INSERT INTO coordinator_jobs (job_id, key_id, miner_id, model, prompt_tokens, "
-            "completion_tokens, cost, finish_reason, receipt, receipt_signature) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            job.job_id,
-            job.key_id,
-            job.miner_id,
-            job.model,
-            job.prompt_tokens,
-            job.completion_tokens,
-            job.cost,
-            job.finish_reason,
-            job.receipt,
-            job.receipt_signature,
+            _INSERT_JOBS,
+            [job.job_id for job in jobs],
+            [job.key_id for job in jobs],
+            [job.miner_id for job in jobs],
+            [job.model for job in jobs],
+            [job.prompt_tokens for job in jobs],
+            [job.completion_tokens for job in jobs],
+            [job.cost for job in jobs],
+            [job.finish_reason for job in jobs],
+            [job.receipt for job in jobs],
+            [job.receipt_signature for job in jobs],
         )
 
     async def spent(self, key_id: str) -> int:

@@ -212,4 +212,5 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             for session in registry.sessions():
                 session.close("coordinator shutting down")
             await grpc_server.stop(grace=2.0)
+            await job_log.aclose()
             await ledger.aclose()

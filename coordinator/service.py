@@ -344,7 +344,7 @@ class MarketplaceService:
                 reference=hashlib.sha256(job.job_id.encode()).digest(),
             )
         except InsufficientFundsError as error:
-            # Another coordinator over the same ledger spent it first: the estimate was wrong.
+            # Only this process places holds, so the estimate was wrong: a bug, not a race.
             logger.warning("job %s: the hold was refused after admission", job.job_id)
             raise _insufficient(admission.amount, job, available=error.available) from None
         self._credit.held(admission)
