@@ -375,34 +375,29 @@ class MarketplaceService:
         reservation: Reservation | None,
         spend: SpendHold | None,
     ) -> None:
+        # None: no miner took the job, or nothing was delivered, so nothing was held or is owed.
         pending_hold = completion.hold if completion is not None else None
-        if pending_hold is None:
-            # No miner took the job, or nothing was delivered: nothing was held or is owed.
-            try:
-                await self._settle(buyer, None, entry, completion)  # logs a job that ran
-            finally:
-                if admission is not None:
-                    self._credit.cancel(admission)
-                await self._release_limits(reservation, spend, completion)
-            return
         hold: Hold | None = None
-        held = False
+        hold_failed = False
         charged: int | None = None
         try:
-            try:
-                hold = await pending_hold
-                held = True
-            except Exception as error:
-                logger.warning(
-                    "request of key %s: no hold, nothing billed: %s", buyer.key_id, error
-                )
-                if completion is not None:
-                    completion.unbillable = True
+            if pending_hold is not None:
+                try:
+                    hold = await pending_hold
+                except Exception as error:
+                    hold_failed = True
+                    logger.warning(
+                        "request of key %s: no hold, nothing billed: %s", buyer.key_id, error
+                    )
+                    if completion is not None:
+                        completion.unbillable = True
             charged = await self._settle(buyer, hold, entry, completion)
         finally:
-            if admission is not None:
+            if admission is not None and pending_hold is None:
+                self._credit.cancel(admission)
+            elif admission is not None:
                 # A hold the ledger could not close still holds its amount: read afresh.
-                settled = held and charged is not None
+                settled = not hold_failed and charged is not None
                 self._credit.finished(admission, charged=charged or 0, held=settled)
             await self._release_limits(reservation, spend, completion)
 

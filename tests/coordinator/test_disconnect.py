@@ -64,8 +64,8 @@ def as_request(request: Request) -> web.Request:
     return cast(Any, request)
 
 
-async def test_a_client_gone_while_waiting_cancels_the_entry() -> None:
-    request, entry = Request(), Entry(enter_s=30)
+async def waiting(request: Request, entry: Entry) -> asyncio.Task[None]:
+    """A request whose entry is under way, its client still there."""
 
     async def serve() -> None:
         async with entered_unless_gone(as_request(request), entry.context()):
@@ -73,6 +73,12 @@ async def test_a_client_gone_while_waiting_cancels_the_entry() -> None:
 
     task = asyncio.create_task(serve())
     await asyncio.sleep(0.05)
+    return task
+
+
+async def test_a_client_gone_while_waiting_cancels_the_entry() -> None:
+    request, entry = Request(), Entry(enter_s=30)
+    task = await waiting(request, entry)
     request.hang_up()
     with pytest.raises(ClientGone):
         await asyncio.wait_for(task, 5)
@@ -94,13 +100,7 @@ async def test_the_block_itself_is_never_cancelled_for_a_gone_client() -> None:
 
 async def test_a_cancel_from_outside_stays_a_cancel() -> None:
     request, entry = Request(), Entry(enter_s=30)
-
-    async def serve() -> None:
-        async with entered_unless_gone(as_request(request), entry.context()):
-            pytest.fail("the entry completed")
-
-    task = asyncio.create_task(serve())
-    await asyncio.sleep(0.05)
+    task = await waiting(request, entry)
     request.hang_up()
     task.cancel()  # the server shuts down as the client leaves
     with pytest.raises(asyncio.CancelledError):

@@ -75,6 +75,14 @@ def hold_slot(session: MinerSession) -> str:
     return job_id
 
 
+def busy_miner(
+    catalog: Catalog, registry: MinerRegistry, metrics: CoordinatorMetrics
+) -> tuple[MinerSession, str, Dispatcher]:
+    """One miner whose only slot is taken (the job id is returned), and a dispatcher for it."""
+    session = joined(catalog, registry)
+    return session, hold_slot(session), dispatcher(registry, metrics)
+
+
 def free_slot(session: MinerSession, job_id: str) -> None:
     assert session.deliver(failure(job_id, "finished elsewhere")) is None
 
@@ -111,9 +119,7 @@ async def test_a_request_waits_for_a_busy_miner_then_gets_its_slot(
     metrics: CoordinatorMetrics,
     entry: CatalogEntry,
 ) -> None:
-    session = joined(catalog, registry)
-    held = hold_slot(session)
-    dispatch = dispatcher(registry, metrics)
+    session, held, dispatch = busy_miner(catalog, registry, metrics)
     job = make_job(entry)
     task = await queued(dispatch, job)
     assert dispatch.queue_depth() == dispatch.queue_depth(MODEL) == 1 and gauge(metrics) == 1
@@ -130,9 +136,7 @@ async def test_waiting_requests_are_served_first_come_first_served(
     metrics: CoordinatorMetrics,
     entry: CatalogEntry,
 ) -> None:
-    session = joined(catalog, registry)
-    held = hold_slot(session)
-    dispatch = dispatcher(registry, metrics)
+    session, held, dispatch = busy_miner(catalog, registry, metrics)
     jobs = [make_job(entry) for _ in range(3)]
     tasks = [await queued(dispatch, job) for job in jobs]
     assert dispatch.queue_depth(MODEL) == 3
@@ -212,9 +216,7 @@ async def test_a_buyer_who_leaves_the_queue_gives_its_place_up(
     metrics: CoordinatorMetrics,
     entry: CatalogEntry,
 ) -> None:
-    session = joined(catalog, registry)
-    held = hold_slot(session)
-    dispatch = dispatcher(registry, metrics)
+    session, held, dispatch = busy_miner(catalog, registry, metrics)
     leaving = await queued(dispatch, make_job(entry))
     staying_job = make_job(entry)
     staying = await queued(dispatch, staying_job)
@@ -234,9 +236,7 @@ async def test_a_woken_request_that_leaves_passes_the_slot_on(
     metrics: CoordinatorMetrics,
     entry: CatalogEntry,
 ) -> None:
-    session = joined(catalog, registry)
-    held = hold_slot(session)
-    dispatch = dispatcher(registry, metrics)
+    session, held, dispatch = busy_miner(catalog, registry, metrics)
     first = await queued(dispatch, make_job(entry))
     second_job = make_job(entry)
     second = await queued(dispatch, second_job)
@@ -268,9 +268,7 @@ async def test_a_newcomer_does_not_jump_the_queue(
     metrics: CoordinatorMetrics,
     entry: CatalogEntry,
 ) -> None:
-    session = joined(catalog, registry)
-    held = hold_slot(session)
-    dispatch = dispatcher(registry, metrics)
+    session, held, dispatch = busy_miner(catalog, registry, metrics)
     waiting_job = make_job(entry)
     waiting = await queued(dispatch, waiting_job)
     newcomer = asyncio.create_task(dispatch.start(make_job(entry)))  # runs before the woken one

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -74,17 +75,31 @@ def price_args() -> list[str]:
     ]
 
 
+def tiny_coordinator(
+    tmp: Path,
+    *,
+    database_url: str,
+    model_dirs: dict[str, Path],
+    extra: Sequence[str] = (),
+    kill_miners: bool = False,
+) -> AbstractContextManager[Coordinator]:
+    """A coordinator of its own selling 'tiny' at the test prices, spot checks off (so billing
+    is exact), no miners yet; ``extra`` are more ``serve`` arguments."""
+    return running_coordinator(
+        tmp,
+        database_url=database_url,
+        models={"tiny": model_dirs["tiny"]},
+        extra=[*price_args(), *NO_SPOT_CHECKS, *extra],
+        kill_miners=kill_miners,
+    )
+
+
 @pytest.fixture
 def coordinator(
     database_url: str, model_dirs: dict[str, Path], tmp_path: Path
 ) -> Iterator[Coordinator]:
     """A coordinator of its own for one test, selling 'tiny'; the test starts the miners."""
-    with running_coordinator(
-        tmp_path,
-        database_url=database_url,
-        models={"tiny": model_dirs["tiny"]},
-        extra=price_args() + NO_SPOT_CHECKS,
-    ) as running:
+    with tiny_coordinator(tmp_path, database_url=database_url, model_dirs=model_dirs) as running:
         yield running
 
 

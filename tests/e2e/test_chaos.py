@@ -25,7 +25,7 @@ from openai import OpenAI
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.e2e.conftest import FEE_BPS, INPUT_PRICE, NO_SPOT_CHECKS, OUTPUT_PRICE, price_args
+from tests.e2e.conftest import FEE_BPS, INPUT_PRICE, OUTPUT_PRICE, tiny_coordinator
 from tests.e2e.harness import (
     Coordinator,
     Process,
@@ -35,7 +35,6 @@ from tests.e2e.harness import (
     ledger_audit,
     miner_identity,
     open_holds,
-    running_coordinator,
     start_miner,
     wait_for_miners,
 )
@@ -220,12 +219,8 @@ def chaotic(
 ) -> Iterator[Coordinator]:
     """A coordinator of its own, spot checks off so that billing is exact, no miners yet."""
     # Miners are killed, not stopped: graceful shutdown is not under test and drains take seconds.
-    with running_coordinator(
-        tmp_path,
-        database_url=database_url,
-        models={"tiny": model_dirs["tiny"]},
-        extra=price_args() + NO_SPOT_CHECKS,
-        kill_miners=True,
+    with tiny_coordinator(
+        tmp_path, database_url=database_url, model_dirs=model_dirs, kill_miners=True
     ) as running:
         yield running
 

@@ -21,7 +21,7 @@ import pytest
 from openai.types import Completion, CompletionUsage
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from tests.e2e.conftest import FEE_BPS, INPUT_PRICE, NO_SPOT_CHECKS, OUTPUT_PRICE, price_args
+from tests.e2e.conftest import FEE_BPS, INPUT_PRICE, OUTPUT_PRICE, tiny_coordinator
 from tests.e2e.harness import (
     MODES,
     Buyer,
@@ -30,7 +30,6 @@ from tests.e2e.harness import (
     balances,
     create_key,
     fetch,
-    running_coordinator,
     start_miner,
     wait_for_miners,
 )
@@ -477,11 +476,8 @@ def rate_limited(
     database_url: str, model_dirs: dict[str, Path], tmp_path: Path
 ) -> Iterator[Coordinator]:
     """A coordinator of its own that allows each key RPM requests a minute, with one miner."""
-    with running_coordinator(
-        tmp_path,
-        database_url=database_url,
-        models={"tiny": model_dirs["tiny"]},
-        extra=[*price_args(), *NO_SPOT_CHECKS, "--rpm", str(RPM)],
+    with tiny_coordinator(
+        tmp_path, database_url=database_url, model_dirs=model_dirs, extra=["--rpm", str(RPM)]
     ) as running:
         start_miner(running, tmp_path, name="alice", models={"tiny": model_dirs["tiny"]})
         _, probe = create_key(database_url, credits_micro=0, name="probe")
