@@ -1,7 +1,8 @@
 """The models this coordinator sells: names, weights hashes, prices, tokenizers.
 
-A catalog comes from ``--model NAME=DIR`` flags (:func:`catalog_from_specs`, one price for all)
-or from a TOML file (:func:`load_catalog`, a price per model)::
+A catalog comes from ``--model NAME=DIR`` or ``--model NAME=FILE.gguf`` flags
+(:func:`catalog_from_specs`, one price for all) or from a TOML file (:func:`load_catalog`, a price
+per model)::
 
     [[models]]
     name = "qwen2.5-0.5b-instruct"
@@ -13,6 +14,10 @@ or from a TOML file (:func:`load_catalog`, a price per model)::
 
     [models.verification]                    # optional: spot-check thresholds for this model
     max_mean_abs_dlogprob = 0.02             # any field of verification.judge.Thresholds
+
+A ``path`` ending in ``.gguf`` is a single GGUF file (llama.cpp's format): the tokenizer, chat
+template and context length come from its metadata, and the weights digest is the file's
+(:func:`proto.weights_digest.weights_sha256`). A missing or truncated file is a CatalogError.
 
 Amounts are integers in micro-units (1 credit = 1,000,000). :func:`request_cost` is the one
 billing formula.
@@ -72,7 +77,7 @@ class CatalogEntry:
     """One model on sale."""
 
     name: str  # what buyers put in "model" and miners announce
-    model_dir: Path | None  # where its tokenizer and config were read
+    model_dir: Path | None  # where its tokenizer and config were read: a directory or a .gguf
     weights_sha256: bytes  # 32 bytes; a miner must announce exactly this
     context_length: int  # prompt + completion tokens, at most the model's own
     input_price_per_mtok: int  # micro-units per million prompt tokens
@@ -157,17 +162,18 @@ class Catalog:
 def catalog_from_specs(
     specs: Sequence[str], *, input_price_per_mtok: int, output_price_per_mtok: int
 ) -> Catalog:
-    """A catalog from ``NAME=DIR`` specs, all at one price; hashes every model's weight files."""
+    """A catalog from ``NAME=DIR`` or ``NAME=FILE.gguf`` specs, all at one price; hashes every
+    model's weights."""
     for price in (input_price_per_mtok, output_price_per_mtok):
         if isinstance(price, bool) or not 0 <= price <= MAX_PRICE_PER_MTOK:
             raise CatalogError(f"price {price!r} is outside 0..{MAX_PRICE_PER_MTOK} micro-units")
     entries = []
     for spec in specs:
-        name, separator, directory = spec.partition("=")
-        if not separator or not directory:
-            raise CatalogError(f"--model {spec!r}: expected NAME=DIR")
+        name, separator, source = spec.partition("=")
+        if not separator or not source:
+            raise CatalogError(f"--model {spec!r}: expected NAME=DIR or NAME=FILE.gguf")
         _check_name(name, where=f"--model {spec!r}")
-        model_dir = Path(directory).expanduser()
+        model_dir = Path(source).expanduser()
         entries.append(
             _entry(
                 name=name,
@@ -180,7 +186,9 @@ def catalog_from_specs(
             )
         )
     if not entries:
-        raise CatalogError("no models: give --model NAME=DIR or --catalog FILE")
+        raise CatalogError(
+            "no models: give --model NAME=DIR, --model NAME=FILE.gguf or --catalog FILE"
+        )
     return Catalog(entries)
 
 
@@ -227,10 +235,10 @@ def _toml_entry(table: object, *, path: Path, index: int) -> CatalogEntry:
     unknown = set(table) - _ENTRY_KEYS
     if unknown:
         raise fail(sorted(unknown)[0], f"unknown field (known: {', '.join(sorted(_ENTRY_KEYS))})")
-    directory = table.get("path")
-    if not isinstance(directory, str) or not directory:
-        raise fail("path", "required, the model directory")
-    model_dir = path.parent / Path(directory).expanduser()
+    source = table.get("path")
+    if not isinstance(source, str) or not source:
+        raise fail("path", "required, the model directory or .gguf file")
+    model_dir = path.parent / Path(source).expanduser()
     digest = _hex_digest(table.get("weights_sha256"), fail)
     prices = []
     for field in ("input_price_per_million", "output_price_per_million"):
@@ -312,7 +320,7 @@ def _entry(
 ) -> CatalogEntry:
     """Loads the tokenizer (and hashes the weights when no digest is given) for one entry."""
     try:
-        tokenizer = ModelTokenizer.from_dir(model_dir, name=name)
+        tokenizer = ModelTokenizer.from_source(model_dir, name=name)
     except TokenizerLoadError as error:
         raise CatalogError(f"{where}: path: {error}") from error
     if context_length is None:

