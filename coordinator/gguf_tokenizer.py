@@ -214,10 +214,7 @@ def _byte_level(meta: _Metadata, tokens: list[str]) -> tuple[Tokenizer, bool]:
             f"pre-tokenizer {name!r} (tokenizer.ggml.pre) is not supported "
             f"(known: {', '.join(sorted(_PRE_TOKENIZERS))})"
         )
-    merges = meta.merges()
-    if merges is None:
-        raise meta.fail("a gpt2 vocabulary needs tokenizer.ggml.merges")
-    tokenizer = _bpe(meta, tokens, merges, ignore_merges=pre.ignore_merges)
+    tokenizer = _bpe(meta, tokens, _merges(meta, tokens), ignore_merges=pre.ignore_merges)
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             *(pre_tokenizers.Split(Regex(split), behavior="isolated") for split in pre.splits),
@@ -233,12 +230,7 @@ def _sentencepiece(meta: _Metadata, tokens: list[str]) -> Tokenizer:
     architecture = meta.gguf.architecture
     if architecture in _UNSUPPORTED_SENTENCEPIECE_ARCHS:
         raise meta.fail(f"the SentencePiece vocabulary of a {architecture} model is not supported")
-    merges = meta.merges()
-    if merges is None:
-        scores = meta.numbers("tokenizer.ggml.scores", len(tokens), integers=False)
-        if scores is None:
-            raise meta.fail("a llama vocabulary needs tokenizer.ggml.scores")
-        merges = _merges_from_scores(tokens, scores)
+    merges = _merges(meta, tokens)
     unk = meta.token_id("unknown_token_id", len(tokens))
     unk_token = None if unk is None else tokens[unk]
     tokenizer = _bpe(meta, tokens, merges, unk_token=unk_token, byte_fallback=True)
@@ -257,6 +249,18 @@ def _sentencepiece(meta: _Metadata, tokens: list[str]) -> Tokenizer:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tokenizer.decoder = decoders.Sequence(steps)
     return tokenizer
+
+
+def _merges(meta: _Metadata, tokens: Sequence[str]) -> list[tuple[str, str]]:
+    """The file's merges; without them, merges derived from the token scores, as transformers
+    does (a byte-level vocabulary of single bytes has none: GGUF cannot store an empty list)."""
+    merges = meta.merges()
+    if merges is not None:
+        return merges
+    scores = meta.numbers("tokenizer.ggml.scores", len(tokens), integers=False)
+    if scores is None:
+        raise meta.fail("the vocabulary needs tokenizer.ggml.merges or tokenizer.ggml.scores")
+    return _merges_from_scores(tokens, scores)
 
 
 def _merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:

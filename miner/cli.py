@@ -23,6 +23,7 @@ from miner.config import (
     DEVICES,
     DTYPES,
     MinerConfig,
+    default_cache_dir,
     default_witness_dir,
     parse_coordinator,
     parse_model_spec,
@@ -64,10 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         action="append",
         required=True,
-        metavar="NAME=DIR",
-        help="a model to serve: catalog name and Hugging Face directory (repeatable)",
+        metavar="NAME=DIR|FILE.gguf",
+        help="a model to serve: catalog name and Hugging Face directory or GGUF file (repeatable)",
     )
     _add_key_argument(run)
+    run.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="where GGUF models are converted once (default: model-cache/ beside the key)",
+    )
     run.add_argument("--max-concurrency", type=int, default=1, metavar="N")
     run.add_argument("--device", choices=("auto", *DEVICES), default="auto")
     run.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
@@ -85,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     test_model.add_argument("directory", type=Path, metavar="DIR")
     test_model.add_argument("--seed", type=int, default=0)
+    test_model.add_argument(
+        "--gguf",
+        type=Path,
+        metavar="FILE",
+        help="also write the same model as a GGUF file (outside DIR: it is not part of its hash)",
+    )
     _add_log_level_argument(test_model)
 
     identity = commands.add_parser("id", help="print this miner's id (creates the key if needed)")
@@ -165,11 +178,14 @@ def _command_earnings(args: argparse.Namespace, key_path: Path | None) -> int:
 
 
 def _command_create_test_model(args: argparse.Namespace, key_path: Path | None) -> int:
-    from miner.test_model import create_test_model
+    from miner.test_model import create_test_gguf, create_test_model
     from proto.weights_digest import weights_sha256
 
     directory = create_test_model(args.directory, seed=args.seed)
     sys.stdout.write(f"{directory}\n{weights_sha256(directory).hex()}\n")
+    if args.gguf is not None:
+        gguf_file = create_test_gguf(args.gguf, seed=args.seed)
+        sys.stdout.write(f"{gguf_file}\n{weights_sha256(gguf_file).hex()}\n")
     return EXIT_OK
 
 
@@ -211,6 +227,7 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
             dtype=None if args.dtype == "auto" else args.dtype,
             drain_timeout_s=args.drain_timeout,
             witness_dir=default_witness_dir(key_path),
+            cache_dir=args.cache_dir or default_cache_dir(key_path),
         )
     except ValueError as err:
         raise _UsageError(str(err)) from err
@@ -232,6 +249,7 @@ async def _serve(config: MinerConfig, *, identity: Identity) -> None:
                     device=config.device,
                     dtype=config.dtype,
                     max_concurrency=config.max_concurrency,
+                    cache_dir=config.cache_dir,
                 )
             )
             engines.append(engine)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto.gguf import is_gguf_path
+
 DEFAULT_KEY_PATH = Path("~/.meshmint/miner/identity.key")
 """Where the identity key lives unless ``--key`` or ``MESHMINT_MINER_KEY`` says otherwise."""
 
@@ -14,10 +16,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model to serve, as given by ``--model NAME=DIR``."""
+    """One model to serve, as given by ``--model NAME=DIR`` or ``--model NAME=FILE.gguf``."""
 
     name: str  # catalog name the coordinator knows the model by
-    path: Path  # Hugging Face model directory (config.json, weights, tokenizer)
+    # Hugging Face model directory (config.json, weights, tokenizer), or a GGUF file that the
+    # engine converts once into cache_dir (miner/engine/gguf_cache.py).
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,9 @@ class MinerConfig:
     # Where verified credit receipts and the latest ledger checkpoint are kept
     # (miner/witness_store.py); None: receipts are not checked (the CLI always sets it).
     witness_dir: Path | None = None
+    # Where GGUF models are converted into loadable directories, once per file; miners may share
+    # one (miner/engine/gguf_cache.py). None: GGUF models cannot be served (the CLI sets it).
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         parse_coordinator(self.coordinator)
@@ -82,15 +89,22 @@ def parse_coordinator(address: str) -> tuple[str, int]:
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """Parses "NAME=DIR"; raises ValueError unless DIR is an existing directory."""
-    name, separator, directory = text.partition("=")
+    """Parses "NAME=DIR" or "NAME=FILE.gguf"; raises ValueError unless DIR is an existing
+    directory or FILE.gguf an existing file (whether the model loads is the engine's to say)."""
+    name, separator, location = text.partition("=")
     name = name.strip()
-    if not separator or not name or not directory:
-        raise ValueError(f"--model must be NAME=DIR, got {text!r}")
-    path = Path(directory).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"model directory for {name!r} does not exist: {path}")
-    return ModelSpec(name=name, path=path)
+    if not separator or not name or not location:
+        raise ValueError(f"--model must be NAME=DIR or NAME=FILE.gguf, got {text!r}")
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return ModelSpec(name=name, path=path)
+    if is_gguf_path(path):
+        if not path.is_file():
+            raise ValueError(f"GGUF file for {name!r} does not exist: {path}")
+        return ModelSpec(name=name, path=path)
+    if path.exists():
+        raise ValueError(f"model for {name!r} must be a directory or a .gguf file: {path}")
+    raise ValueError(f"model directory for {name!r} does not exist: {path}")
 
 
 def default_witness_dir(key_path: Path) -> Path:
@@ -100,3 +114,11 @@ def default_witness_dir(key_path: Path) -> Path:
     path = Path(key_path).expanduser()
     beside = path.with_suffix(".ledger")
     return beside if beside != path else path.with_name(path.name + ".ledger")
+
+
+def default_cache_dir(key_path: Path) -> Path:
+    """Where a miner converts GGUF models: ``model-cache/`` in its key's directory
+    (``~/.meshmint/miner/identity.key`` -> ``~/.meshmint/miner/model-cache/``). Unlike the
+    witness directory it is shared by every identity there: entries are keyed by the GGUF
+    file's digest, so sharing only saves conversions."""
+    return Path(key_path).expanduser().parent / "model-cache"

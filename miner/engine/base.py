@@ -64,7 +64,7 @@ class ModelInfo:
     """What an engine serves; the daemon announces it in Hello."""
 
     name: str  # the catalog name the coordinator knows the model by
-    weights_sha256: bytes  # proto.weights_digest.weights_sha256 of the model directory
+    weights_sha256: bytes  # proto.weights_digest.weights_sha256 of the model directory or GGUF
     vocab_size: int  # logits width; token ids are in [0, vocab_size)
     context_length: int  # prompt + generated tokens may not exceed this
     dtype: str  # compute dtype, e.g. "float32"

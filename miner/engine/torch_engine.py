@@ -7,6 +7,9 @@ flight), so the event loop never blocks on the model. Batching several jobs into
 pass is future work; it would not change any job's tokens beyond floating-point noise, because
 the sampler's randomness depends only on ``(seed, job id, position)``.
 
+A GGUF file is served from a plain model directory converted from it once and cached
+(``miner.engine.gguf_cache``); the engine announces the GGUF file's own digest.
+
 Scoring a spot check (:meth:`TorchEngine.score`) is one teacher-forced pass on the same pool. It
 takes no job slot, so a miner busy generating still answers checks: the pass is queued between
 decode steps.
@@ -37,7 +40,9 @@ from miner.engine.base import (
     ScoreRequest,
     TokenScores,
 )
+from miner.engine.gguf_cache import prepare_gguf
 from miner.scorer import score_rows, teacher_forced_logits
+from proto.gguf import is_gguf_path
 from proto.weights_digest import NoWeightFilesError, weights_sha256
 
 logger = logging.getLogger(__name__)
@@ -72,7 +77,7 @@ def default_dtype(device: str) -> str:
 
 
 class TorchEngine:
-    """Serves one Hugging Face model directory. Build it with :meth:`TorchEngine.load`."""
+    """Serves one Hugging Face model directory or GGUF file. Build it with :meth:`load`."""
 
     def __init__(self, model: Any, info: ModelInfo, *, max_concurrency: int) -> None:
         self._model = model
@@ -94,21 +99,28 @@ class TorchEngine:
     async def load(
         cls,
         name: str,
-        model_dir: Path,
+        source: Path,
         *,
         device: str | None = None,
         dtype: str | None = None,
         max_concurrency: int = 1,
+        cache_dir: Path | None = None,
     ) -> AsyncIterator[TorchEngine]:
-        """Loads ``model_dir`` (in a worker thread) and yields the engine; frees it on exit.
+        """Loads ``source`` (in a worker thread) and yields the engine; frees it on exit.
+
+        ``source`` is a Hugging Face model directory or a ``.gguf`` file. A GGUF file is
+        converted once into ``cache_dir`` (see ``miner.engine.gguf_cache``) and served from
+        there; its :attr:`ModelInfo.weights_sha256` is still the GGUF file's digest. There is no
+        default cache: a GGUF source without ``cache_dir`` is a :class:`ModelLoadError`, rather
+        than gigabytes written somewhere the caller did not choose.
 
         ``device`` defaults to :func:`default_device`, ``dtype`` to :func:`default_dtype`.
-        Raises :class:`ModelLoadError` when the directory cannot be served.
+        Raises :class:`ModelLoadError` when the source cannot be served.
         """
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         model, info = await asyncio.to_thread(
-            _load_model, name, Path(model_dir), device=device, dtype=dtype
+            _load_model, name, Path(source), device=device, dtype=dtype, cache_dir=cache_dir
         )
         engine = cls(model, info, max_concurrency=max_concurrency)
         del model
@@ -286,21 +298,17 @@ def _context_length(config: Any) -> int:
 
 
 def _load_model(
-    name: str, model_dir: Path, *, device: str | None, dtype: str | None
+    name: str, source: Path, *, device: str | None, dtype: str | None, cache_dir: Path | None
 ) -> tuple[Any, ModelInfo]:
-    """Blocking: hashes and loads the model. Runs on a worker thread."""
+    """Blocking: hashes (and converts a GGUF file) and loads the model. Runs on a worker thread."""
     from transformers import AutoModelForCausalLM
 
     resolved_device = _resolve_device(device)
     dtype_name = _resolve_dtype(dtype, resolved_device)
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{model_dir} has no config.json; expected a Hugging Face model dir")
-    try:
-        digest = weights_sha256(model_dir)
-    except NoWeightFilesError as exc:
-        raise ModelLoadError(f"{model_dir} holds no weight files (*.safetensors, *.bin)") from exc
+    if is_gguf_path(source) and not source.is_dir():
+        model_dir, digest = _converted_gguf(source, cache_dir=cache_dir)
+    else:
+        model_dir, digest = source, _directory_digest(source)
     logger.info("loading %s from %s on %s as %s", name, model_dir, resolved_device, dtype_name)
     try:
         # Any: transformers' own annotations of from_pretrained/.to() confuse mypy.
@@ -309,7 +317,8 @@ def _load_model(
         )
         model = model.to(resolved_device).eval()
     except Exception as exc:  # transformers raises OSError, ValueError, SafetensorError, ...
-        raise ModelLoadError(f"cannot load {model_dir}: {type(exc).__name__}: {exc}") from exc
+        where = model_dir if model_dir == source else f"{source} (converted in {model_dir})"
+        raise ModelLoadError(f"cannot load {where}: {type(exc).__name__}: {exc}") from exc
     text_config = model.config.get_text_config()
     vocab_size = getattr(text_config, "vocab_size", None)
     if not isinstance(vocab_size, int) or vocab_size < 1:
@@ -324,3 +333,22 @@ def _load_model(
         engine=f"torch-transformers/{torch.__version__}",
     )
     return model, info
+
+
+def _directory_digest(model_dir: Path) -> bytes:
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json; expected a Hugging Face model dir")
+    try:
+        return weights_sha256(model_dir)
+    except NoWeightFilesError as exc:
+        raise ModelLoadError(f"{model_dir} holds no weight files (*.safetensors, *.bin)") from exc
+
+
+def _converted_gguf(path: Path, *, cache_dir: Path | None) -> tuple[Path, bytes]:
+    """The cache entry a GGUF file is served from, and the GGUF file's own digest."""
+    if cache_dir is None:
+        raise ModelLoadError(f"{path}: serving a GGUF file needs a cache directory (cache_dir)")
+    cached = prepare_gguf(path, cache_dir=cache_dir)
+    return cached.directory, cached.source_sha256

@@ -342,7 +342,7 @@ def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
         ),
         ({"tokenizer.ggml.model": "t5"}, "tokenizer model 't5' is not supported"),
         ({"tokenizer.ggml.pre": "no-such-pre"}, "pre-tokenizer 'no-such-pre' .* is not supported"),
-        ({"tokenizer.ggml.merges": None}, "needs tokenizer.ggml.merges"),
+        ({"tokenizer.ggml.merges": None}, "needs tokenizer.ggml.merges or tokenizer.ggml.scores"),
         ({"tokenizer.ggml.tokens": ["a", "b", "a"]}, "'a' is listed twice"),
         ({"tokenizer.ggml.bos_token_id": None, "tokenizer.ggml.add_bos_token": True}, "no bos"),
         ({"llama.context_length": None}, "llama.context_length must be a positive integer"),
@@ -379,3 +379,20 @@ def test_missing_and_truncated_files(tmp_path: Path, smollm2_gguf: Path) -> None
     not_gguf = shutil.copy(__file__, tmp_path / "text.gguf")
     with pytest.raises(TokenizerLoadError, match="not a GGUF file"):
         ModelTokenizer.from_gguf(Path(not_gguf))
+
+
+def test_the_test_models_gguf_tokenizes_as_its_directory(tmp_path: Path) -> None:
+    from miner.test_model import create_test_gguf, create_test_model
+
+    from_dir = ModelTokenizer.from_dir(create_test_model(tmp_path / "dir"))
+    from_file = ModelTokenizer.from_gguf(create_test_gguf(tmp_path / "tiny.gguf"))
+    chat = [ChatMessage(role="user", content="Héllo, wörld! 1234 <|im_end|>")]
+    assert from_file.encode_chat(chat) == from_dir.encode_chat(chat)
+    assert from_file.encode_prompt("def f(x):\n\treturn x") == from_dir.encode_prompt(
+        "def f(x):\n\treturn x"
+    )
+    assert set(from_file.stop_token_ids) == set(from_dir.stop_token_ids)
+    assert (from_file.vocab_size, from_file.context_length) == (
+        from_dir.vocab_size,
+        from_dir.context_length,
+    )

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -136,6 +136,7 @@ def start_miner(
     models: dict[str, Path],
     variant: str = "honest",
     max_concurrency: int = 2,
+    extra: Sequence[str] = (),
 ) -> Process:
     log = tmp / f"miner-{name}.log"
     args = [
@@ -152,7 +153,7 @@ def start_miner(
     ]
     for model, path in models.items():
         args += ["--model", f"{model}={path}"]
-    popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    popen = subprocess.Popen([*args, *extra], stdout=log.open("wb"), stderr=subprocess.STDOUT)
     process = Process(popen, log)
     coordinator.miners.append(process)
     return process

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from miner.cli import KEY_ENV, main
+from miner.config import default_cache_dir
 from miner.identity import load_or_create_identity
 
 
@@ -104,3 +106,41 @@ def test_an_insecure_key_exits_1_with_the_fix(
     key.chmod(0o644)
     assert main(["id", "--key", str(key)]) == 1
     assert f"chmod 600 {key}" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp: tmp / "gone.gguf", "GGUF file for 'x' does not exist"),
+        (lambda tmp: _write(tmp / "weights.bin", b"\0"), "must be a directory or a .gguf file"),
+    ],
+)
+def test_a_model_that_is_neither_a_directory_nor_a_gguf_file_exits_2(
+    make: Callable[[Path], Path], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", "--coordinator", "127.0.0.1:1", "--key", str(tmp_path / "k")]
+    assert main([*argv, "--model", f"x={make(tmp_path)}"]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+
+
+def test_a_gguf_file_that_cannot_load_exits_1_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = _write(tmp_path / "bad.gguf", b"GGUF\x03\x00\x00\x00\x01")
+    cache = tmp_path / "cache"
+    argv = ["run", "--coordinator", "127.0.0.1:1", "--model", f"x={bad}", "--cache-dir", str(cache)]
+    assert main([*argv, "--key", str(tmp_path / "k"), "--device", "cpu"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"meshmint-miner: error: cannot load a model: {bad}: ")
+    assert "truncated" in line
+    assert not cache.exists()
+
+
+def test_the_model_cache_defaults_to_beside_the_key() -> None:
+    key = Path("~/.meshmint/miner/identity.key")
+    assert default_cache_dir(key) == Path.home() / ".meshmint" / "miner" / "model-cache"
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
