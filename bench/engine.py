@@ -216,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=8, help="measured requests per level")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument(
+        "--work-dir", type=Path, default=ROOT / "demo-data", help="where the tiny model is written"
+    )
+    parser.add_argument(
         "--cache-dir",
         type=Path,
         default=ROOT / "demo-data" / "model-cache",
@@ -235,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     load_before = load_average(warn=True)
-    work = ROOT / "demo-data"
+    work = args.work_dir
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{args.requests} requests x {args.max_tokens} tokens per level"
