@@ -14,7 +14,8 @@ the same jobs. The exit status is 1 when a target of issue 4 is missed (listed o
 ``--raw`` dumps what the judge saw, for ``bench/verification_rejudge.py``. Results are in
 docs/benchmarks.md, "Verification".
 
-Run: ``.venv/bin/python -m bench.verification [--jobs 200] [--model demo|tiny] [--json FILE]``
+Run: ``.venv/bin/python -m bench.verification [--jobs 200] [--model demo|tiny|smollm2]
+[--json FILE]``
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def markdown(rows: Sequence[Row], *, per_miner: int) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200, help="jobs per variant")
-    parser.add_argument("--model", choices=("demo", "tiny"), default="demo")
+    parser.add_argument("--model", choices=("demo", "tiny", "smollm2"), default="demo")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "demo-data", help="model cache")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--miner-jobs", type=int, default=10, help="checked jobs per miner")
@@ -260,8 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     load = load_average(warn=True)
     model_dir = prepare_model_dir(args.model, args.work_dir)
-    model, vocab = load_model(model_dir)
-    jobs = make_jobs(model_dir, vocab, count=args.jobs, seed=args.seed)
+    model, vocab = load_model(model_dir, args.model)
+    jobs = make_jobs(model_dir, vocab, count=args.jobs, seed=args.seed, kind=args.model)
     ctx = Context(model=model, vocab=vocab, jobs=jobs, batch_size=args.batch_size, seed=args.seed)
     wanted = set(args.variants.split(",")) if args.variants else None
     rows: list[Row] = []

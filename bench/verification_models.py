@@ -1,8 +1,9 @@
 """The verification benchmark's model, its traffic, and the altered copies cheats run.
 
 The model is the demo model of ``examples/train_demo_model.py`` (a small Llama trained on the
-standard library, cached in ``demo-data/stdlib-coder`` as ``make demo`` does), or with
-``--model tiny`` the random test model of ``miner.test_model``. The traffic is a fixed-seed mix of
+standard library, cached in ``demo-data/stdlib-coder`` as ``make demo`` does), with
+``--model tiny`` the random test model of ``miner.test_model``, or with ``--model smollm2``
+SmolLM2-135M-Instruct (``bench/verification_smollm2.py``). The traffic is a fixed-seed mix of
 chat requests (ChatML, as the coordinator renders them) and raw code continuations, sampled with
 the temperatures, top-p and top-k that buyers send.
 """
@@ -50,7 +51,7 @@ class Vocab:
 
     size: int  # valid ids are [0, size)
     context_length: int  # prompt plus completion
-    stop_ids: tuple[int, ...]  # <|im_end|> and <|end_of_text|>
+    stop_ids: tuple[int, ...]  # e.g. <|im_end|> and <|end_of_text|>
     pad_id: int  # fed to left-padded rows of a batch (masked out)
 
 
@@ -65,7 +66,12 @@ def _trainer() -> ModuleType:
 
 
 def prepare_model_dir(kind: str, work_dir: Path) -> Path:
-    """The model directory for ``kind`` ("demo" or "tiny"), trained or written on first use."""
+    """The model directory for ``kind`` ("demo", "tiny" or "smollm2"), trained, written or
+    converted on first use."""
+    if kind == "smollm2":
+        from bench import verification_smollm2
+
+        return verification_smollm2.prepare_model_dir(work_dir)
     if kind == "tiny":
         return create_test_model(work_dir / "tiny-model")
     model_dir = work_dir / "stdlib-coder"
@@ -73,8 +79,12 @@ def prepare_model_dir(kind: str, work_dir: Path) -> Path:
     return trained
 
 
-def load_model(model_dir: Path) -> tuple[Any, Vocab]:
+def load_model(model_dir: Path, kind: str = "demo") -> tuple[Any, Vocab]:
     """The fp32 reference model (eval mode, CPU) and its vocabulary facts."""
+    if kind == "smollm2":
+        from bench import verification_smollm2
+
+        return verification_smollm2.load_model(model_dir)
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -100,8 +110,14 @@ def _token_id(tokenizer: Any, token: str) -> int:
     return int(found)
 
 
-def make_jobs(model_dir: Path, vocab: Vocab, *, count: int, seed: int) -> list[Job]:
+def make_jobs(
+    model_dir: Path, vocab: Vocab, *, count: int, seed: int, kind: str = "demo"
+) -> list[Job]:
     """``count`` requests: half chat, half code continuation, with mixed sampling parameters."""
+    if kind == "smollm2":
+        from bench import verification_smollm2
+
+        return verification_smollm2.make_jobs(vocab, count=count, seed=seed)
     from tokenizers import Tokenizer
 
     trainer = _trainer()

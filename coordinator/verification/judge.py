@@ -57,16 +57,19 @@ class Thresholds:
     # ... where this allowance can forgive near-ties (the design's "1 +"); 0 by default, since
     # miner.scorer's margins already tolerate the top-k / top-p edge.
     disagreeing_allowance: float = 0.0
-    # A job fails when sum |claimed - scored| log-prob exceeds allowance + this * n ...
-    max_mean_abs_dlogprob: float = 0.025
+    # A job fails when sum |claimed - scored| log-prob exceeds allowance + this * n ... (0.08:
+    # an honest bf16 miner of SmolLM2-135M, 30 blocks, reached 0.049 a token on a job; the
+    # subtle model cheats there stay above 0.11, see docs/verification.md)
+    max_mean_abs_dlogprob: float = 0.08
     # ... where this allowance keeps short honest jobs from failing on one noisy token.
     dlogprob_allowance: float = 0.1
     # A claimed final stop token whose margin exceeds margin_limit fails the job by itself.
     stop_token_must_agree: bool = True
     # Pooled per-miner statistics give a verdict once they cover this many tokens.
     pooled_min_tokens: int = 300
-    # A pool fails when its mean |claimed - scored| log-prob exceeds this ...
-    pooled_max_mean_abs_dlogprob: float = 0.02
+    # A pool fails when its mean |claimed - scored| log-prob exceeds this (honest bf16 SmolLM2
+    # pools reached 0.043; 5% weight noise pools 0.2 and more) ...
+    pooled_max_mean_abs_dlogprob: float = 0.07
     # ... or when more than this fraction of its tokens disagree.
     pooled_max_disagreeing_fraction: float = 0.002
 
