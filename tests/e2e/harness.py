@@ -275,6 +275,28 @@ def ledger_audit(coordinator: Coordinator) -> subprocess.CompletedProcess[str]:
     )
 
 
+def greedy_twice(
+    client: OpenAI, *, model: str, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[ChatCompletion, list[ChatCompletionChunk], str]:
+    """The same greedy chat request non-streaming, then streaming with usage: the whole reply,
+    the stream's chunks and the streamed text."""
+    whole = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    return whole, chunks, streamed
+
+
 Mode = Literal["sync", "async"]
 """Which client of the official SDK drives a :class:`Buyer`: ``OpenAI`` or ``AsyncOpenAI``."""
 

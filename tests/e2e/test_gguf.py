@@ -21,6 +21,7 @@ from tests.e2e.harness import (
     Coordinator,
     balances,
     create_key,
+    greedy_twice,
     running_coordinator,
     start_miner,
     wait_for_miners,
@@ -60,20 +61,7 @@ def test_a_gguf_file_is_sold_served_and_billed(
     assert cards[MODEL]["context_length"] == 512  # from the file's llama.context_length
 
     before = balances(coordinator.database_url)
-    whole = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0
-    )
-    chunks = list(
-        client.chat.completions.create(
-            model=MODEL,
-            messages=MESSAGES,
-            max_tokens=12,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    whole, _, streamed = greedy_twice(client, model=MODEL, messages=MESSAGES, max_tokens=12)
     assert whole.usage is not None and whole.usage.completion_tokens > 0
     assert streamed == whole.choices[0].message.content
     after = balances(coordinator.database_url)

@@ -21,6 +21,7 @@ from tests.e2e.harness import (
     Coordinator,
     create_key,
     fetch,
+    greedy_twice,
     ledger_audit,
     open_holds,
     running_coordinator,
@@ -95,20 +96,9 @@ def test_streaming_and_non_streaming_give_the_same_answer_and_bill(
     # Greedy: a seed does not repeat a sampled answer across requests (the noise is keyed by the
     # job id as well), so only temperature 0 must give the same text twice.
     messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
-    whole = client.chat.completions.create(
-        model=SMOLLM2_NAME, messages=messages, max_tokens=40, temperature=0
+    whole, chunks, streamed = greedy_twice(
+        client, model=SMOLLM2_NAME, messages=messages, max_tokens=40
     )
-    chunks = list(
-        client.chat.completions.create(
-            model=SMOLLM2_NAME,
-            messages=messages,
-            max_tokens=40,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert streamed == whole.choices[0].message.content
     assert streamed.strip()
     usage = chunks[-1].usage
