@@ -78,7 +78,7 @@ async def measure_model(
     cache_dir: Path,
 ) -> list[Level]:
     from coordinator.api import ChatMessage
-    from coordinator.tokenization import ModelTokenizer
+    from coordinator.text.tokenization import ModelTokenizer
     from miner.engine.base import SamplingParams
     from miner.engine.torch_engine import TorchEngine
 

@@ -104,7 +104,7 @@ def load_instant_engine(
     Reads the tokenizer (vocabulary, context, the ids of :data:`TEXT`) and hashes the weight
     files as a real miner does; loads no weights.
     """
-    from coordinator.tokenization import ModelTokenizer
+    from coordinator.text.tokenization import ModelTokenizer
     from proto.weights_digest import weights_sha256
 
     tokenizer = ModelTokenizer.from_dir(model_dir)

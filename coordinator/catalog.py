@@ -40,7 +40,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from coordinator.errors import ModelNotFoundError
-from coordinator.tokenization import ModelTokenizer, TokenizerLoadError
+from coordinator.text.tokenization import ModelTokenizer, TokenizerLoadError
 from coordinator.verification.judge import Thresholds
 from proto.weights_digest import NoWeightFilesError, weights_sha256
 

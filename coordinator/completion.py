@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from coordinator.api import FinishReason, TextDelta, TokenLogprob, Usage
 from coordinator.catalog import CatalogEntry, request_cost
-from coordinator.detokenizer import IncrementalDetokenizer
 from coordinator.dispatch import MinerRun
 from coordinator.errors import LimitKind, RateLimitState, UpstreamError
-from coordinator.stop import StopMatcher
+from coordinator.text.detokenizer import IncrementalDetokenizer
+from coordinator.text.stop import StopMatcher
 from proto import miner_pb2
 from proto.signing import output_digest, receipt_message, request_digest
 

@@ -59,7 +59,7 @@ from coordinator.limits import RateLimiter, Reservation, SpendGuard, SpendHold
 from coordinator.metrics import CoordinatorMetrics, RequestTimer
 from coordinator.receipts import CreditedJob
 from coordinator.registry import MinerRegistry
-from coordinator.tokenization import ChatTemplateError
+from coordinator.text.tokenization import ChatTemplateError
 from coordinator.verification.scoring import FinishedJob
 from ledger.interface import AccountKind, AccountRef, Hold, InsufficientFundsError, Ledger
 from ledger.money import format_credits

@@ -18,7 +18,7 @@ import pytest
 from bench.instant_miner import INSTANT_LOGPROB, load_instant_engine
 from bench.load_generator import RequestFailed, _read_sse
 from bench.load_report import PATHS, Level, table, verdict
-from coordinator.tokenization import ModelTokenizer
+from coordinator.text.tokenization import ModelTokenizer
 from miner.engine.base import GenerationError, GenerationRequest, SamplingParams
 from miner.test_model import create_test_model
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.verification_models import MAX_PROMPT_TOKENS, Vocab
 from bench.verification_smollm2 import MAX_MAX_TOKENS, MIN_MAX_TOKENS, QUESTIONS, make_jobs
 from coordinator.api import ChatMessage
-from coordinator.tokenization import ModelTokenizer
+from coordinator.text.tokenization import ModelTokenizer
 
 VOCAB = Vocab(size=49152, context_length=8192, stop_ids=(2,), pad_id=2)
 

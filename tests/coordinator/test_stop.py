@@ -14,7 +14,7 @@ from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import MinerMisbehaved, RunningCompletion
 from coordinator.dispatch import MinerRun
 from coordinator.gateway.session import MinerSession
-from coordinator.stop import StopMatcher
+from coordinator.text.stop import StopMatcher
 from proto import miner_pb2
 from tests.coordinator.core_fakes import (
     FINISH,

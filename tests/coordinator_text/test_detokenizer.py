@@ -10,8 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.detokenizer import MAX_PENDING_TOKENS, REPLACEMENT_CHAR, IncrementalDetokenizer
-from coordinator.tokenization import ModelTokenizer
+from coordinator.text.detokenizer import (
+    MAX_PENDING_TOKENS,
+    REPLACEMENT_CHAR,
+    IncrementalDetokenizer,
+)
+from coordinator.text.tokenization import ModelTokenizer
 from miner.test_model import create_test_model
 from tests.coordinator_text import qwen_style_dir, sentencepiece_style_dir
 

@@ -18,12 +18,12 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from coordinator.api import ChatMessage
-from coordinator.gguf_tokenizer import (
+from coordinator.text.gguf_tokenizer import (
     SUPPORTED_PRE_TOKENIZERS,
     gguf_tokenizer_parts,
     load_gguf_tokenizer,
 )
-from coordinator.tokenization import ChatTemplateError, ModelTokenizer, TokenizerLoadError
+from coordinator.text.tokenization import ChatTemplateError, ModelTokenizer, TokenizerLoadError
 from proto.gguf import read_gguf
 from tests.coordinator_text import (
     CORPUS,

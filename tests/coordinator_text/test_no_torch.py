@@ -10,11 +10,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import sys
-import coordinator.catalog, coordinator.detokenizer, coordinator.tokenization
-import coordinator.gguf_tokenizer
+import coordinator.catalog, coordinator.text.detokenizer, coordinator.text.tokenization
+import coordinator.text.gguf_tokenizer
 from pathlib import Path
 if len(sys.argv) > 1:  # a GGUF file: its tokenizer is built from the header alone
-    coordinator.tokenization.ModelTokenizer.from_gguf(Path(sys.argv[1])).encode_prompt("hi")
+    coordinator.text.tokenization.ModelTokenizer.from_gguf(Path(sys.argv[1])).encode_prompt("hi")
 heavy = {"torch", "transformers", "numpy", "gguf"}
 print(",".join(sorted(name for name in sys.modules if name.split(".")[0] in heavy)))
 """

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from coordinator.api import ChatMessage
-from coordinator.tokenization import ChatTemplateError, ModelTokenizer, TokenizerLoadError
+from coordinator.text.tokenization import ChatTemplateError, ModelTokenizer, TokenizerLoadError
 from miner.test_model import create_test_model
 from tests.coordinator_text import (
     llama3_style_dir,

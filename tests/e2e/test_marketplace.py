@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from coordinator.api import ChatMessage
-from coordinator.tokenization import ModelTokenizer
+from coordinator.text.tokenization import ModelTokenizer
 from tests.e2e.conftest import FEE_BPS, INPUT_PRICE, OUTPUT_PRICE
 from tests.e2e.harness import Coordinator, balances, create_key, fetch, http
 

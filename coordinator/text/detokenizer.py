@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from coordinator.tokenization import ModelTokenizer
+from coordinator.text.tokenization import ModelTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A GGUF has no tokenizer.json: llama.cpp keeps the vocabulary, merges, token types and special
 ids as ``tokenizer.ggml.*`` metadata, and names how text is split before the merges in
 ``tokenizer.ggml.pre``. :func:`load_gguf_tokenizer` turns that back into what
-:class:`coordinator.tokenization.ModelTokenizer` needs. Two vocabularies:
+:class:`coordinator.text.tokenization.ModelTokenizer` needs. Two vocabularies:
 
 - ``gpt2``: byte-level BPE, split by the regexes llama.cpp's ``llama-vocab.cpp`` maps the pre
   name to, in order, each isolating its matches: what the original tokenizer.json did (SmolLM2
@@ -16,7 +16,7 @@ ids as ``tokenizer.ggml.*`` metadata, and names how text is split before the mer
 
 Control and unknown tokens (types 3 and 2) become special added tokens and user-defined ones (4)
 plain added tokens, so that ``<|im_start|>`` in a rendered chat is one token. Errors are
-:class:`coordinator.tokenization.TokenizerLoadError`, naming the file.
+:class:`coordinator.text.tokenization.TokenizerLoadError`, naming the file.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import jinja2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from coordinator.chat_template import compile_chat_template
-from coordinator.tokenization import TokenizerLoadError, _apply_bos_eos, _unique
+from coordinator.text.chat_template import compile_chat_template
+from coordinator.text.tokenization import TokenizerLoadError, _apply_bos_eos, _unique
 from proto.gguf import GGUFError, GGUFFile, read_gguf
 
 logger = logging.getLogger(__name__)

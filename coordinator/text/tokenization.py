@@ -26,7 +26,7 @@ import jinja2
 from tokenizers import AddedToken, Tokenizer, decoders, processors
 
 from coordinator.api import ChatMessage
-from coordinator.chat_template import TEMPLATE_FAILURES, compile_chat_template
+from coordinator.text.chat_template import TEMPLATE_FAILURES, compile_chat_template
 from proto.gguf import is_gguf_path
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class ModelTokenizer:
         Raises :class:`TokenizerLoadError` naming the file (missing, truncated, unsupported).
         """
         # Imported here because that module builds on this one's errors and helpers.
-        from coordinator.gguf_tokenizer import load_gguf_tokenizer
+        from coordinator.text.gguf_tokenizer import load_gguf_tokenizer
 
         parts = load_gguf_tokenizer(Path(path))
         return cls(
