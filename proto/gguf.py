@@ -135,8 +135,10 @@ class GGUFFile:
 
 
 def is_gguf_path(path: Path) -> bool:
-    """True when ``path`` names a GGUF file by its suffix (whether or not it exists)."""
-    return Path(path).suffix.lower() == GGUF_SUFFIX
+    """True when ``path`` names a GGUF file by its suffix (whether or not it exists); a
+    directory that happens to be called ``*.gguf`` is a model directory, not a GGUF file."""
+    path = Path(path)
+    return path.suffix.lower() == GGUF_SUFFIX and not path.is_dir()
 
 
 def read_gguf(path: Path) -> GGUFFile:

@@ -44,7 +44,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 def weights_sha256(source: Path) -> bytes:
     """The 32-byte weights digest of a model directory or a ``.gguf`` file; reads it once."""
     source = Path(source)
-    if is_gguf_path(source) and not source.is_dir():
+    if is_gguf_path(source):
         return gguf_sha256(source)
     digest = hashlib.sha256(b"meshmint/v1/weights\x00")
     for path in weight_files(source):

@@ -31,7 +31,7 @@ import jinja2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from coordinator.text.chat_template import compile_chat_template
-from coordinator.text.tokenization import TokenizerLoadError, _apply_bos_eos, _unique
+from coordinator.text.tokenization import TokenizerLoadError, apply_bos_eos, unique_in_order
 from proto.gguf import GGUFError, GGUFFile, read_gguf
 
 logger = logging.getLogger(__name__)
@@ -184,9 +184,9 @@ def gguf_tokenizer_parts(gguf: GGUFFile) -> GGUFTokenizerParts:
             raise meta.fail(f"tokenizer.ggml.add_{what}_token is true, but no {what} id is set")
     if add_bos is None:
         add_bos = add_bos_default and bos is not None
-    _apply_bos_eos(tokenizer, {"add_bos_token": add_bos, "add_eos_token": add_eos}, named)
+    apply_bos_eos(tokenizer, {"add_bos_token": add_bos, "add_eos_token": add_eos}, named)
 
-    stop_ids = _unique(ids[key] for key in _STOP_IDS if ids[key] is not None)
+    stop_ids = unique_in_order(ids[key] for key in _STOP_IDS if ids[key] is not None)
     if not stop_ids:
         logger.warning("%s: no end-of-sequence token; completions stop at max_tokens", gguf.path)
     vocab_size = len(tokens)

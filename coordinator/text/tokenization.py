@@ -114,13 +114,13 @@ class ModelTokenizer:
         tokens = _named_tokens(model_dir, tokenizer_config)
         _add_missing_tokens(tokenizer, tokenizer_config, tokens)
         tokenizer.encode_special_tokens = bool(tokenizer_config.get("split_special_tokens", False))
-        _apply_bos_eos(tokenizer, tokenizer_config, tokens)
+        apply_bos_eos(tokenizer, tokenizer_config, tokens)
 
         config = _read_json(model_dir / MODEL_CONFIG_FILE, required=True) or {}
         generation_config = _read_json(model_dir / GENERATION_CONFIG_FILE, required=False) or {}
         vocab_size = _vocab_size(tokenizer, config, model_dir / MODEL_CONFIG_FILE)
         eos_id = tokenizer.token_to_id(tokens["eos_token"]) if "eos_token" in tokens else None
-        stop_ids = _unique(
+        stop_ids = unique_in_order(
             [
                 *_token_ids(generation_config, model_dir / GENERATION_CONFIG_FILE, vocab_size),
                 *_token_ids(config, model_dir / MODEL_CONFIG_FILE, vocab_size),
@@ -166,7 +166,7 @@ class ModelTokenizer:
     def from_source(cls, source: Path, *, name: str | None = None) -> ModelTokenizer:
         """:meth:`from_gguf` for a ``.gguf`` file, :meth:`from_dir` for anything else."""
         source = Path(source)
-        if is_gguf_path(source) and not source.is_dir():
+        if is_gguf_path(source):
             return cls.from_gguf(source, name=name)
         return cls.from_dir(source, name=name)
 
@@ -324,11 +324,14 @@ def _add_missing_tokens(
     missing = [token for token in [*tokens.values(), *extra] if token not in vocab]
     if missing:
         tokenizer.add_special_tokens(
-            [AddedToken(token, special=True, normalized=False) for token in _unique(missing)]
+            [
+                AddedToken(token, special=True, normalized=False)
+                for token in unique_in_order(missing)
+            ]
         )
 
 
-def _apply_bos_eos(
+def apply_bos_eos(
     tokenizer: Tokenizer, tokenizer_config: Mapping[str, Any], tokens: Mapping[str, str]
 ) -> None:
     """Honours ``add_bos_token`` / ``add_eos_token`` when tokenizer.json has no post-processor.
@@ -410,7 +413,7 @@ def _context_length(
     )
 
 
-def _unique(values: Iterable[Any]) -> tuple[Any, ...]:
+def unique_in_order(values: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(dict.fromkeys(values))
 
 

@@ -83,21 +83,28 @@ class CachedModel:
 
 
 def prepare_gguf(path: Path, *, cache_dir: Path) -> CachedModel:
-    """Checks ``path``, hashes it, and returns its cache entry, converting it first if needed.
+    """Hashes ``path`` and returns its cache entry, checking and converting the file first when
+    there is none.
 
     Blocking (seconds to minutes on a first conversion); safe to call from several threads or
     processes at once: one converts, the others wait for it. Raises :class:`ModelLoadError`.
     """
     path = Path(path)
-    check_gguf(path)
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
     digest = gguf_sha256(path)
     key = digest.hex()
     cache_dir = Path(cache_dir).expanduser()
+    entry = cache_dir / key
+    if not (entry / MANIFEST).is_file():
+        # Only a file about to be converted needs checking (about a second: transformers' GGUF
+        # tables, a trial dequantization per type). A finished entry's file passed the check
+        # when it was converted; its digest pins the bytes and the manifest the converter.
+        check_gguf(path)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelLoadError(f"cannot create the model cache {cache_dir}: {exc}") from exc
-    entry = cache_dir / key
     with _locked(cache_dir / f"{key}.lock", what=path.name):
         if entry.exists():
             problem = entry_problem(entry, digest)

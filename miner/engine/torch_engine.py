@@ -305,7 +305,7 @@ def _load_model(
 
     resolved_device = _resolve_device(device)
     dtype_name = _resolve_dtype(dtype, resolved_device)
-    if is_gguf_path(source) and not source.is_dir():
+    if is_gguf_path(source):
         model_dir, digest = _converted_gguf(source, cache_dir=cache_dir)
     else:
         model_dir, digest = source, _directory_digest(source)

