@@ -427,17 +427,14 @@ async def test_smollm2_converts_once_then_loads_from_the_cache_and_knows_paris(
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     sampling = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(im_end,))
     caplog.set_level(logging.INFO, logger=CACHE_LOGGER)
-    answers, load_s = [], []
+    answers = []
     for _ in range(2):
-        started = time.monotonic()
         async with TorchEngine.load(
             "smollm2", source, device="cpu", cache_dir=tmp_path / "cache"
         ) as engine:
-            load_s.append(time.monotonic() - started)
             assert engine.info.weights_sha256 == weights_sha256(source)
             job = GenerationRequest(job_id="france", prompt_token_ids=prompt, sampling=sampling)
             answers.append([token.token_id async for token in engine.generate(job)])
     assert _conversions(caplog) == 1
     assert answers[0] == answers[1]
     assert "Paris" in tokenizer.decode(answers[0]), tokenizer.decode(answers[0])
-    assert load_s[1] < load_s[0], load_s
