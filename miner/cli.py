@@ -75,7 +75,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where GGUF models are converted once (default: model-cache/ beside the key)",
     )
-    run.add_argument("--max-concurrency", type=int, default=1, metavar="N")
+    run.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=MinerConfig.max_concurrency,
+        metavar="N",
+        help="jobs at once: the largest batch the engine decodes together (default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=MinerConfig.max_batch_tokens,
+        metavar="N",
+        help="tokens one engine step feeds, decode rows plus prompt chunks (default: %(default)s)",
+    )
+    run.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=MinerConfig.kv_cache_tokens,
+        metavar="N",
+        help="token positions in the KV cache, allocated at start (default: room for "
+        "max-concurrency jobs of up to 2048 tokens, at least one full context)",
+    )
     run.add_argument("--device", choices=("auto", *DEVICES), default="auto")
     run.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
     run.add_argument(
@@ -214,8 +235,11 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
     try:
         parse_coordinator(args.coordinator)
         models = tuple(parse_model_spec(text) for text in args.model)
-        if args.max_concurrency < 1:
-            raise ValueError(f"--max-concurrency must be at least 1, got {args.max_concurrency}")
+        for flag in ("max_concurrency", "max_batch_tokens", "kv_cache_tokens"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                option = "--" + flag.replace("_", "-")
+                raise ValueError(f"{option} must be at least 1, got {value}")
         if args.drain_timeout < 0:
             raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
         return MinerConfig(
@@ -223,6 +247,8 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
             models=models,
             key_path=key_path,
             max_concurrency=args.max_concurrency,
+            max_batch_tokens=args.max_batch_tokens,
+            kv_cache_tokens=args.kv_cache_tokens,
             device=None if args.device == "auto" else args.device,
             dtype=None if args.dtype == "auto" else args.dtype,
             drain_timeout_s=args.drain_timeout,
@@ -249,6 +275,8 @@ async def _serve(config: MinerConfig, *, identity: Identity) -> None:
                     device=config.device,
                     dtype=config.dtype,
                     max_concurrency=config.max_concurrency,
+                    max_batch_tokens=config.max_batch_tokens,
+                    kv_cache_tokens=config.kv_cache_tokens,
                     cache_dir=config.cache_dir,
                 )
             )

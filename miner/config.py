@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from miner.engine.base import DEFAULT_MAX_BATCH_TOKENS
 from proto.gguf import is_gguf_path
 
 DEFAULT_KEY_PATH = Path("~/.meshmint/miner/identity.key")
@@ -34,10 +35,16 @@ class MinerConfig:
     models: tuple[ModelSpec, ...] = ()
     # PEM file holding the Ed25519 identity; "~" is expanded when the key is loaded.
     key_path: Path = DEFAULT_KEY_PATH
-    # Jobs run at once across all models. 1 because the reference engine decodes each job on its
-    # own (no batching): a second job on the same device halves both jobs' speed and adds a KV
-    # cache, so a home GPU is better announced as one slot; raise it for big cards/fast engines.
+    # Jobs run at once, and the largest batch each model's engine decodes in one forward pass.
+    # Decoding is memory-bound, so a batch of 16 costs a GPU little more than one job; the
+    # default stays 1 so a CPU-only box does not promise more than it can serve.
     max_concurrency: int = 1
+    # Tokens one engine step feeds at most (decode rows plus prompt chunks): bounds how long a
+    # long prompt's prefill holds up the jobs already decoding.
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    # Token positions each engine's KV cache holds, across its jobs (allocated at start); None:
+    # room for max_concurrency jobs of min(context, 2048) tokens, at least one full context.
+    kv_cache_tokens: int | None = None
     # "cpu", "cuda", "cuda:N" or "mps"; None lets the engine pick the best device present.
     device: str | None = None
     # "float32", "bfloat16" or "float16"; None lets the engine pick for the device.
@@ -63,6 +70,10 @@ class MinerConfig:
         parse_coordinator(self.coordinator)
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be at least 1, got {self.kv_cache_tokens}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not 0 < self.backoff_min_s <= self.backoff_max_s:

@@ -11,6 +11,39 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+DEFAULT_MAX_BATCH_TOKENS = 512
+"""Tokens (prefill chunks plus decode rows) one step feeds by default."""
+_DEFAULT_KV_TOKENS_PER_SEQUENCE = 2048
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How much one engine batches; the miner CLI builds it from its flags."""
+
+    # Jobs decoded together in one forward pass at most (the miner's --max-concurrency).
+    max_batch_size: int = 1
+    # Tokens one step feeds: decode rows plus prompt chunks (--max-batch-tokens). Bounds how long
+    # admitting a long prompt can hold up the running jobs.
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    # Token positions the KV cache holds across all jobs (--kv-cache-tokens); None: room for
+    # max_batch_size jobs of min(context, 2048) tokens, and at least one of the full context.
+    kv_cache_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens must be >= 1, got {self.kv_cache_tokens}")
+
+    def kv_tokens(self, context_length: int) -> int:
+        """The KV cache's size in tokens for a model with ``context_length``."""
+        if self.kv_cache_tokens is not None:
+            return self.kv_cache_tokens
+        per_sequence = min(context_length, _DEFAULT_KV_TOKENS_PER_SEQUENCE)
+        return max(context_length, self.max_batch_size * per_sequence)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

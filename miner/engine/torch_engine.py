@@ -1,36 +1,36 @@
-"""The reference engine: a Hugging Face causal LM run with torch + transformers.
+"""The reference engine: a Hugging Face causal LM run with torch + transformers, batched.
 
-Each job decodes on its own: a prefill over the prompt, then one forward pass per token over its
-own KV cache, every token chosen by :func:`miner.sampler.sample`. Forward passes run on a thread
-pool owned by the engine (``max_concurrency`` workers, the same bound as the number of jobs in
-flight), so the event loop never blocks on the model. Batching several jobs into one forward
-pass is future work; it would not change any job's tokens beyond floating-point noise, because
-the sampler's randomness depends only on ``(seed, job id, position)``.
+One scheduler task owns the model (``miner.engine.scheduler``): every step it feeds the waiting
+prompts in chunks and runs one batched forward pass over every decoding job, with the keys and
+values of all jobs in one paged KV cache (``miner.engine.kv_cache``) whose size is fixed at
+load. Every token is still chosen by :func:`miner.sampler.sample`, row by row, so a job's tokens
+do not depend on what it was batched with beyond floating-point noise: the sampler's randomness
+depends only on ``(seed, job id, position)``.
 
 A GGUF file is served from a plain model directory converted from it once and cached
 (``miner.engine.gguf_cache``); the engine announces the GGUF file's own digest.
 
-Scoring a spot check (:meth:`TorchEngine.score`) is one teacher-forced pass on the same pool. It
-takes no job slot, so a miner busy generating still answers checks: the pass is queued between
-decode steps.
+Scoring a spot check (:meth:`TorchEngine.score`) is a teacher-forced pass run by the same
+scheduler, in chunks under the same per-step budget. It takes no batch slot, so a miner busy
+generating still answers checks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from miner import sampler
 from miner.engine.base import (
+    DEFAULT_MAX_BATCH_TOKENS,
+    BatchingConfig,
     GeneratedToken,
     GenerationError,
     GenerationRequest,
@@ -41,13 +41,13 @@ from miner.engine.base import (
     TokenScores,
 )
 from miner.engine.gguf_cache import prepare_gguf
-from miner.scorer import score_rows, teacher_forced_logits
+from miner.engine.kv_cache import BlockPool, PagedKVCache
+from miner.engine.model_runner import ModelRunner, UnsupportedModelError
+from miner.engine.scheduler import Scheduler, SchedulerStats
 from proto.gguf import is_gguf_path
 from proto.weights_digest import NoWeightFilesError, weights_sha256
 
 logger = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -62,6 +62,8 @@ _CONTEXT_ATTRIBUTES = (
     "max_sequence_length",
     "seq_length",
 )
+BLOCK_SIZE = 16
+"""Token positions per KV block."""
 
 
 def default_device() -> str:
@@ -79,20 +81,11 @@ def default_dtype(device: str) -> str:
 class TorchEngine:
     """Serves one Hugging Face model directory or GGUF file. Build it with :meth:`load`."""
 
-    def __init__(self, model: Any, info: ModelInfo, *, max_concurrency: int) -> None:
+    def __init__(self, model: Any, info: ModelInfo, scheduler: Scheduler) -> None:
         self._model = model
         self._info = info
-        self._device = torch.device(info.device)
-        self._executor = ThreadPoolExecutor(
-            max_workers=max_concurrency, thread_name_prefix=f"torch-engine-{info.name}"
-        )
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._scheduler = scheduler
         self._closed = False
-        # The prefill only needs the last position's logits; not every model accepts the hint.
-        accepts = inspect.signature(model.forward).parameters
-        self._last_logits_only: dict[str, int] = (
-            {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
-        )
 
     @classmethod
     @asynccontextmanager
@@ -104,6 +97,8 @@ class TorchEngine:
         device: str | None = None,
         dtype: str | None = None,
         max_concurrency: int = 1,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        kv_cache_tokens: int | None = None,
         cache_dir: Path | None = None,
     ) -> AsyncIterator[TorchEngine]:
         """Loads ``source`` (in a worker thread) and yields the engine; frees it on exit.
@@ -114,16 +109,27 @@ class TorchEngine:
         default cache: a GGUF source without ``cache_dir`` is a :class:`ModelLoadError`, rather
         than gigabytes written somewhere the caller did not choose.
 
-        ``device`` defaults to :func:`default_device`, ``dtype`` to :func:`default_dtype`.
-        Raises :class:`ModelLoadError` when the source cannot be served.
+        ``max_concurrency`` jobs decode together at most; a step feeds ``max_batch_tokens``
+        tokens at most; the KV cache holds ``kv_cache_tokens`` positions (see
+        :class:`BatchingConfig`), allocated here. ``device`` defaults to
+        :func:`default_device`, ``dtype`` to :func:`default_dtype`. Raises
+        :class:`ModelLoadError` when the source cannot be served.
         """
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        try:
+            batching = BatchingConfig(
+                max_batch_size=max_concurrency,
+                max_batch_tokens=max_batch_tokens,
+                kv_cache_tokens=kv_cache_tokens,
+            )
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("max_batch_size", "max_concurrency")) from exc
         model, info = await asyncio.to_thread(
             _load_model, name, Path(source), device=device, dtype=dtype, cache_dir=cache_dir
         )
-        engine = cls(model, info, max_concurrency=max_concurrency)
+        scheduler = await asyncio.to_thread(_build_scheduler, model, info, batching)
+        engine = cls(model, info, scheduler)
         del model
+        scheduler.start()
         try:
             yield engine
         finally:
@@ -139,39 +145,38 @@ class TorchEngine:
         """The underlying ``transformers`` model, e.g. for a scorer's teacher-forced pass."""
         return self._model
 
+    def stats(self) -> SchedulerStats:
+        """The batching scheduler's state now (batch, queue, KV cache)."""
+        return self._scheduler.stats()
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GeneratedToken, None]:
         """Yields the job's tokens as they are sampled.
 
         Raises :class:`GenerationError` (on the first iteration) for a request that cannot be
-        served. Stops after a stop token (which is yielded), after ``max_tokens`` tokens, or when
-        prompt plus completion reaches the context length. Closing the iterator submits no
-        further forward passes.
+        served, or when its forward pass fails (non-finite logits fail this job alone). Stops
+        after a stop token (which is yielded), after ``max_tokens`` tokens, or when prompt plus
+        completion reaches the context length. Closing the iterator takes the job out of the
+        batch at the next step and frees its KV blocks.
         """
         prompt = self._validate(request)
-        params = request.sampling
-        budget = min(params.max_tokens, self._info.context_length - len(prompt))
-        stops = frozenset(params.stop_token_ids)
-        async with self._slots:
-            logger.debug(
-                "job %s: %d prompt tokens, up to %d new", request.job_id, len(prompt), budget
-            )
-            cache: Any = None
-            step_input = prompt
-            for position in range(budget):
-                token, logprob, cache = await self._run(
-                    self._step, step_input, cache, request, position
-                )
-                yield GeneratedToken(token_id=token, logprob=logprob)
-                if token in stops:
-                    logger.debug("job %s: stop token after %d tokens", request.job_id, position + 1)
+        limit = min(request.sampling.max_tokens, self._info.context_length - len(prompt))
+        generation = self._scheduler.submit_generation(request, prompt, limit=limit)
+        logger.debug("job %s: %d prompt tokens, up to %d new", request.job_id, len(prompt), limit)
+        try:
+            while True:
+                item = await generation.output.get()
+                if item is None:
                     return
-                step_input = [token]
-            logger.debug("job %s: length limit after %d tokens", request.job_id, budget)
+                if isinstance(item, GenerationError):
+                    raise item
+                yield item
+        finally:
+            self._scheduler.cancel(generation)
 
     async def score(self, request: ScoreRequest) -> TokenScores:
         """Log-probabilities and margins of another job's claimed tokens (see ``miner.scorer``).
 
-        One forward pass over prompt + completion on the engine's thread pool, without a job
+        A teacher-forced pass over prompt + completion run by the scheduler, without a batch
         slot. Raises :class:`GenerationError` for a request that cannot be scored: an empty
         prompt, ids outside the vocabulary, more tokens than the context, bad sampling
         parameters. An empty completion scores to empty tuples without a forward pass.
@@ -193,7 +198,13 @@ class TorchEngine:
             len(prompt),
             len(completion),
         )
-        return await self._run(self._score, prompt, completion, request)
+        scoring = self._scheduler.submit_scoring(request, prompt, completion)
+        try:
+            return await asyncio.shield(scoring.result)
+        finally:
+            # A caller that stopped waiting leaves the scoring to be dropped at the next step.
+            if not scoring.result.done():
+                scoring.result.cancel()
 
     def _validate(self, request: GenerationRequest) -> list[int]:
         prompt = self._checked_prompt(request.prompt_token_ids)
@@ -229,43 +240,56 @@ class TorchEngine:
         except ValueError as exc:
             raise GenerationError(str(exc)) from exc
 
-    async def _run(self, function: Callable[..., _T], *args: Any) -> _T:
-        if self._closed:
-            raise GenerationError("the engine is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-
-    def _step(
-        self, input_ids: list[int], cache: Any, request: GenerationRequest, position: int
-    ) -> tuple[int, float, Any]:
-        """One forward pass (the prefill when ``cache`` is None) and the next token's sample."""
-        # inference_mode is thread-local: it must be entered on the worker thread.
-        with torch.inference_mode():
-            ids = torch.tensor([input_ids], dtype=torch.long, device=self._device)
-            extra = self._last_logits_only if cache is None else {}
-            output = self._model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
-            token, logprob = sampler.sample(
-                output.logits[0, -1], request.sampling, job_id=request.job_id, position=position
-            )
-        return token, logprob, output.past_key_values
-
-    def _score(
-        self, prompt: list[int], completion: list[int], request: ScoreRequest
-    ) -> TokenScores:
-        """The teacher-forced pass and the scores of its rows; runs on a worker thread."""
-        with torch.inference_mode():
-            logits = teacher_forced_logits(self._model, prompt, completion, device=self._device)
-            return score_rows(
-                logits, completion, request.sampling, noise_job_id=request.noise_job_id
-            )
-
     async def _close(self) -> None:
         self._closed = True
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await self._scheduler.close()
         self._model = None
         gc.collect()
-        if self._device.type == "cuda":
+        if self._info.device.startswith("cuda"):
             torch.cuda.empty_cache()
         logger.info("unloaded model %s", self._info.name)
+
+
+def _build_scheduler(model: Any, info: ModelInfo, batching: BatchingConfig) -> Scheduler:
+    """Blocking: allocates the KV cache and checks the model runs over it (worker thread)."""
+    kv_tokens = batching.kv_tokens(info.context_length)
+    if kv_tokens < info.context_length:
+        raise ModelLoadError(
+            f"a KV cache of {kv_tokens} tokens cannot hold one request of the model's context "
+            f"length ({info.context_length}); give at least that many"
+        )
+    device = torch.device(info.device)
+    pool = BlockPool(-(-kv_tokens // BLOCK_SIZE), block_size=BLOCK_SIZE)
+    text_config = model.config.get_text_config()
+    cache = PagedKVCache(num_layers=text_config.num_hidden_layers, pool=pool, device=device)
+    runner = ModelRunner(model, cache=cache, device=device)
+    try:
+        with torch.inference_mode():
+            runner.self_check(pool, vocab_size=info.vocab_size)
+    except UnsupportedModelError as exc:
+        raise ModelLoadError(
+            f"{info.name}: the batching engine cannot serve this model: {exc}"
+        ) from exc
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(
+            f"{info.name}: a KV cache of {kv_tokens} tokens does not fit on {device}: {exc}"
+        ) from exc
+    logger.info(
+        "%s: KV cache of %d tokens (%.1f MiB), batches of up to %d jobs and %d tokens a step",
+        info.name,
+        pool.num_blocks * BLOCK_SIZE,
+        cache.allocated_bytes() / 2**20,
+        batching.max_batch_size,
+        batching.max_batch_tokens,
+    )
+    return Scheduler(
+        runner,
+        pool=pool,
+        cache=cache,
+        max_batch_size=batching.max_batch_size,
+        max_batch_tokens=batching.max_batch_tokens,
+        name=info.name,
+    )
 
 
 def _resolve_device(device: str | None) -> torch.device:

@@ -54,19 +54,24 @@ async def engine(model_dir: Path) -> AsyncIterator[TorchEngine]:
 
 
 class ForwardCounter:
-    """Counts forward passes of a model and the most that ran at the same time."""
+    """Counts forward passes of a model, the most that ran at the same time, and the most rows
+    (sequences) one pass had."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.running = 0
         self.peak = 0
+        self.widest = 0
         self._lock = threading.Lock()
 
-    def before(self, *_: Any) -> None:
+    def before(self, _: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
         with self._lock:
             self.calls += 1
             self.running += 1
             self.peak = max(self.peak, self.running)
+            if ids is not None:
+                self.widest = max(self.widest, int(ids.shape[0]))
 
     def after(self, *_: Any) -> None:
         with self._lock:
@@ -77,7 +82,7 @@ class ForwardCounter:
 def forwards(engine: TorchEngine) -> Iterator[ForwardCounter]:
     counter = ForwardCounter()
     handles = [
-        engine.model.register_forward_pre_hook(counter.before),
+        engine.model.register_forward_pre_hook(counter.before, with_kwargs=True),
         engine.model.register_forward_hook(counter.after),
     ]
     yield counter
@@ -185,11 +190,12 @@ async def test_concurrent_jobs_match_sequential_runs(
     ]
     sequential = [await tokens_of(engine, job) for job in jobs]
     assert forwards.peak == 1
+    assert forwards.widest == 1
     concurrent = await asyncio.gather(*(tokens_of(engine, job) for job in jobs))
     assert concurrent == sequential
-    # max_concurrency=2 bounds the forward passes in flight, however many jobs wait.
-    assert forwards.peak <= 2
-    assert forwards.calls == 2 * 3 * 12
+    # One pass at a time, over a batch of at most max_concurrency=2 jobs, however many wait.
+    assert forwards.peak == 1
+    assert forwards.widest == 2
 
 
 async def test_closing_the_stream_stops_generation(
@@ -200,7 +206,10 @@ async def test_closing_the_stream_stops_generation(
     await anext(stream)
     await stream.aclose()
     await asyncio.sleep(0.05)
-    assert forwards.calls == 2  # the prefill and one decode step, nothing after
+    calls = forwards.calls
+    await asyncio.sleep(0.1)
+    # The job left the batch at the next step: passes stopped long before its 30 tokens.
+    assert forwards.calls == calls < 30
     # The job's slot was released: both slots serve new jobs.
     both = await asyncio.gather(
         *(tokens_of(engine, request(list(PROMPTS[0]), max_tokens=2)) for _ in range(2))
@@ -222,10 +231,10 @@ async def test_cancelling_the_consumer_stops_generation(
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    calls = forwards.calls
     await asyncio.sleep(0.05)
-    assert calls <= 3
-    assert forwards.calls == calls
+    calls = forwards.calls
+    await asyncio.sleep(0.1)
+    assert forwards.calls == calls < 30
 
 
 @pytest.mark.parametrize(
