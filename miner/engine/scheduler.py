@@ -73,6 +73,7 @@ class Scheduler:
         self._cache = cache
         self._max_batch_size = max_batch_size
         self._max_batch_tokens = max_batch_tokens
+        self._name = name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
         self._waiting: deque[Generation] = deque()
         self._running: list[Generation] = []  # admission order
@@ -174,7 +175,10 @@ class Scheduler:
                 await self._wakeup.wait()
                 continue
             self._steps += 1
-            self._largest_decode_batch = max(self._largest_decode_batch, len(plan.decode))
+            if len(plan.decode) > self._largest_decode_batch:
+                self._largest_decode_batch = len(plan.decode)
+                # Once per new record: operators see how far batching goes under their traffic.
+                logger.info("%s: %d jobs decoded in one batch", self._name, len(plan.decode))
             try:
                 outcome = await loop.run_in_executor(self._executor, self._steps_runner.run, plan)
                 self._apply(plan, outcome)
