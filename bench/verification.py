@@ -70,6 +70,9 @@ class Row:
     mean_abs_dlogprob: float  # over all its tokens
     disagreeing_fraction: float  # over all its tokens
     max_finite_margin: float  # largest finite margin of any of its tokens
+    # largest finite stop margin of a claimed non-stop token (> 0: the sampler would have
+    # stopped there); None when no stop token was ever in reach
+    max_stop_margin: float | None
     max_job_mean_dlogprob: float  # largest per-job mean |dlogprob|
     generate_s: float  # wall seconds generating
     score_s: float  # wall seconds scoring
@@ -124,6 +127,7 @@ def run_variant(
     """Runs one variant, scores and judges every answer, and simulates its miners."""
     result = variant.run(ctx)
     verdicts, score_s, score_forward_s, max_margin, job_means = [], 0.0, 0.0, 0.0, []
+    max_stop = -math.inf
     for output, tampered in zip(result.outputs, result.tampered, strict=True):
         scored = score(ctx.model, output.job, output.tokens)
         score_s += scored.forward_s + scored.rows_s
@@ -134,6 +138,17 @@ def run_variant(
         verdicts.append(verdict)
         finite = [m for m in scores.margins if math.isfinite(m)]
         max_margin = max([max_margin, *finite])
+        stops = output.job.params.stop_token_ids
+        max_stop = max(
+            [
+                max_stop,
+                *(
+                    value
+                    for token, value in zip(output.tokens, scores.stop_margins, strict=False)
+                    if token not in stops and math.isfinite(value)
+                ),
+            ]
+        )
         if verdict.tokens:
             job_means.append(verdict.sum_abs_dlogprob / verdict.tokens)
         if raw is not None:
@@ -159,6 +174,7 @@ def run_variant(
         mean_abs_dlogprob=pool_all.sum_abs_dlogprob / tokens,
         disagreeing_fraction=pool_all.disagreeing / tokens,
         max_finite_margin=max_margin,
+        max_stop_margin=max_stop if math.isfinite(max_stop) else None,
         max_job_mean_dlogprob=max(job_means, default=0.0),
         generate_s=result.generate_s,
         score_s=score_s,
@@ -184,6 +200,7 @@ def _raw_record(
         "finish": output.finish,
         "stop_last": bool(output.tokens) and output.tokens[-1] in params.stop_token_ids,
         "margins": plain(scored.scores.margins),
+        "stop_margins": plain(scored.scores.stop_margins),
         "dlogprobs": plain(
             [c - s for c, s in zip(output.logprobs, scored.scores.logprobs, strict=False)]
         ),
@@ -221,8 +238,9 @@ def cost_ratio(rows: Sequence[Row], name: str = "fp32 batch 1", *, forward: bool
 def markdown(rows: Sequence[Row], *, per_miner: int) -> str:
     lines = [
         f"| variant | jobs (tampered) | jobs failed | miners flagged in {per_miner} jobs "
-        "| mean abs dlogprob | disagreeing | max finite margin | max job mean dlogprob |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| mean abs dlogprob | disagreeing | max finite margin | max stop margin "
+        "| max job mean dlogprob |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         jobs = f"{row.jobs}" if row.honest else f"{row.jobs} ({row.tampered})"
@@ -231,9 +249,14 @@ def markdown(rows: Sequence[Row], *, per_miner: int) -> str:
             f"| {kind}{row.name} | {jobs} | {row.failed}/{row.counted} ({row.fail_rate:.1%}) "
             f"| {row.miners_flagged}/{row.miners} ({row.miner_rate:.0%}) "
             f"| {row.mean_abs_dlogprob:.4f} | {row.disagreeing_fraction:.2%} "
-            f"| {row.max_finite_margin:.3f} | {row.max_job_mean_dlogprob:.4f} |"
+            f"| {row.max_finite_margin:.3f} | {_optional(row.max_stop_margin)} "
+            f"| {row.max_job_mean_dlogprob:.4f} |"
         )
     return "\n".join(lines)
+
+
+def _optional(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,7 +147,9 @@ def score(model: Any, job: Job, tokens: Sequence[int]) -> Scored:
         result = scorer.score_rows(logits, tokens, job.params, noise_job_id=job.job_id)
         rows_done = time.perf_counter()
     return Scored(
-        scores=Scores(logprobs=result.logprobs, margins=result.margins),
+        scores=Scores(
+            logprobs=result.logprobs, margins=result.margins, stop_margins=result.stop_margins
+        ),
         forward_s=forward_done - started,
         rows_s=rows_done - forward_done,
     )

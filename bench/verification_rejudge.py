@@ -1,8 +1,8 @@
 """Re-judges a ``bench.verification --raw`` dump with other thresholds, in seconds.
 
 Generation and scoring are the slow part of the benchmark; the judge is not. The dump holds, per
-job, the scorer's margins, the claimed-minus-scored log-probabilities and the structure
-problems, which is all the judge looks at, so thresholds
+job, the scorer's margins and stop margins (none in older dumps), the claimed-minus-scored
+log-probabilities and the structure problems, which is all the judge looks at, so thresholds
 can be tried here and only the final choice re-run end to end.
 
 Run: ``.venv/bin/python -m bench.verification_rejudge RAW.json [--threshold FIELD=VALUE ...]
@@ -47,7 +47,8 @@ def rejudge(record: dict[str, Any], thresholds: Thresholds) -> Verdict:
         vocab_size=2,
         context_length=n + 1,
     )
-    scores = Scores(logprobs=(_OFFSET,) * n, margins=tuple(margins))
+    stop_margins = tuple(_floats(record.get("stop_margins", [])))
+    scores = Scores(logprobs=(_OFFSET,) * n, margins=tuple(margins), stop_margins=stop_margins)
     verdict = judge_job(claim, scores, thresholds)
     problems = tuple(record["structure"])
     if problems:

@@ -8,6 +8,7 @@ a 1% substitution happened to leave alone is not).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -144,6 +145,28 @@ def _truncation(ctx: Context) -> Result:
     return tampering.run(ctx, pick)
 
 
+def _skipped_stop(ctx: Context) -> Result:
+    """At the first position where the reference sampler picks a stop token, the best other
+    token by the sampler's own scores (its true log-probability claimed), and on from it: the
+    output is padded past its end, every token the sampler's best but one."""
+    tampering = _Tampering(ctx)
+    stops = list(ctx.vocab.stop_ids)
+
+    def pick(job: Job, position: int, rows: Sequence[torch.Tensor]) -> tuple[int, float]:
+        token, logprob = honest_pick(job, position, rows)
+        if token not in stops or job.job_id in tampering.touched:  # one stop skipped a job
+            return token, logprob
+        scores = sampler.sampling_scores(rows[0], job.params, job_id=job.job_id, position=position)
+        scores[stops] = -math.inf
+        if not math.isfinite(float(scores.max())):  # nothing else can be picked
+            return token, logprob
+        tampering.touched.add(job.job_id)
+        other = int(torch.argmax(scores))
+        return other, _logprob(rows[0], other)
+
+    return tampering.run(ctx, pick)
+
+
 def _prefix_then_smaller(ctx: Context) -> Result:
     """The real model for a prefix, then the smaller model for the rest."""
     tampering = _Tampering(ctx)
@@ -213,6 +236,7 @@ def variants(seed: int) -> list[Variant]:
         Variant("1% substitution", False, "1% of tokens random", _substitution(0.01)),
         Variant("10% substitution", False, "10% of tokens random", _substitution(0.10)),
         Variant("truncation", False, "forged end token", _truncation),
+        Variant("skipped stop", False, "goes on past its first stop", _skipped_stop),
         Variant("random tokens", False, "uniform random tokens", _random_tokens),
         Variant("replay", False, "another prompt's answer", _replay),
         Variant("prefix + smaller", False, "honest prefix, then smaller", _prefix_then_smaller),

@@ -1,10 +1,11 @@
 """Spot checks asked of this miner: re-scoring a finished job, usually another miner's.
 
 The coordinator sends a ``ScoreJob``; the miner runs ``Engine.score`` for the named model in a
-task and answers with exactly one ``ScoreResult``: a log-probability and a margin per completion
-token, or ``error`` set (and no numbers) when the job cannot be scored here: a model not served,
-ids outside the vocabulary, a context overflow, an engine failure. The one exception is a lost
-connection, which leaves nobody to answer.
+task and answers with exactly one ``ScoreResult``: a log-probability, a margin and a stop margin
+per completion token (no stop margins from an engine that does not compute them), or ``error``
+set (and no numbers) when the job cannot be scored here: a model not served, ids outside the
+vocabulary, a context overflow, an engine failure. The one exception is a lost connection, which
+leaves nobody to answer.
 
 Score jobs do not take job slots: one is a single prefill (about 20 times cheaper than generating
 the job) and the engine runs it between other jobs' decode steps. A coordinator gone wrong could
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 from miner.engine.base import Engine, GenerationError, ScoreRequest
 from miner.jobs import Send, StopReason, sampling_params
 from proto import miner_pb2
+from proto.limits import MAX_MINER_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +112,34 @@ class ScoreRunner:
             self._send(score_error(score_id, f"miner error: {err}"))
             return
         expected = len(request.completion_token_ids)
-        if not len(scores.logprobs) == len(scores.margins) == expected:
+        counts = (len(scores.logprobs), len(scores.margins))
+        if counts != (expected, expected) or len(scores.stop_margins) not in (0, expected):
             # An engine bug; a result the coordinator would reject anyway.
             logger.error("score job %s: the engine scored the wrong number of tokens", score_id)
             self._send(score_error(score_id, "miner error: wrong number of scores"))
             return
-        result = miner_pb2.ScoreResult(
-            score_id=score_id, logprobs=scores.logprobs, margins=scores.margins
+        message = miner_pb2.MinerMessage(
+            score_result=miner_pb2.ScoreResult(
+                score_id=score_id,
+                logprobs=scores.logprobs,
+                margins=scores.margins,
+                stop_margins=scores.stop_margins,
+            )
         )
-        self._send(miner_pb2.MinerMessage(score_result=result))
+        if message.ByteSize() > MAX_MINER_MESSAGE_BYTES:
+            # Stop margins add 4 bytes a token: past about 21,000 tokens the message would break
+            # the stream. Without them the coordinator still judges everything else.
+            logger.warning(
+                "score job %s: %d tokens are too many to report stop margins for",
+                score_id,
+                expected,
+            )
+            message.score_result.ClearField("stop_margins")
+        if message.ByteSize() > MAX_MINER_MESSAGE_BYTES:
+            logger.error("score job %s: %d tokens are too many to report", score_id, expected)
+            self._send(score_error(score_id, "too many tokens to report in one message"))
+            return
+        self._send(message)
         logger.info(
             "score job %s done: %d tokens of job %s, %.2f s",
             score_id,

@@ -24,9 +24,24 @@ sampled tokens), so with ``z`` the scaled logits, membership is judged with a to
 - a claimed token outside the edge set has an infinite margin; otherwise its margin is
   ``max(0, max over core tokens of (z + noise) - (z + noise)[token])``.
 
-At temperature 0 the margin is ``max(x) - x[token]``. The coordinator judges these numbers
-(``coordinator/verification/judge.py``, calibrated by ``bench/verification.py``); a miner only
-computes them.
+At temperature 0 the margin is ``max(x) - x[token]``.
+
+It also reports, for each claimed token, a **stop margin**, so that a miner cannot pad a job
+(and bill more tokens) by going on where the reference sampler would have stopped: where the
+best stop token of the job (``SamplingParams.stop_token_ids``) is the sampler's pick (its score
+is the best core score, ties included), the stop margin is the claimed token's margin; elsewhere
+it is the best stop token's score minus the best core score (negative: how close the sampler
+came to stopping), or ``-inf`` when no stop token is in the core. Only *core* stop tokens count,
+as for the margin's best token: a stop token at the edge of the top-k / top-p set may be dropped
+by an honest miner's device, and going on there is no fraud. So a positive stop margin always
+equals the margin, and means exactly "the reference sampler would have stopped here, by this
+much"; an ordinary substitution next to a likely stop is left to the margin rule. The definition
+is the same whatever the claimed token (the judge ignores claimed stop tokens). At temperature 0
+the scores are the logits and every stop token counts. Stop ids outside the vocabulary are
+ignored.
+
+The coordinator judges these numbers (``coordinator/verification/judge.py``, calibrated by
+``bench/verification.py``); a miner only computes them.
 
 That is the definition row by row; ``score_rows`` computes it for all rows at once and draws
 noise only where it can matter, with the same bits (tests/miner/test_scorer.py keeps the
@@ -88,7 +103,7 @@ def score_rows(
     *,
     noise_job_id: str,
 ) -> TokenScores:
-    """Log-probabilities and margins of ``completion`` given its rows of ``logits``.
+    """Log-probabilities, margins and stop margins of ``completion`` given its rows of ``logits``.
 
     ``logits`` has one row per completion token (any dtype, any device); the noise for row ``i``
     is the sampler's for position ``i`` of job ``noise_job_id``.
@@ -96,7 +111,7 @@ def score_rows(
     if logits.shape[0] != len(completion):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(completion)} tokens")
     if not completion:
-        return TokenScores(logprobs=(), margins=())
+        return TokenScores(logprobs=(), margins=(), stop_margins=())
     tokens = torch.tensor(list(completion), dtype=torch.long, device=logits.device)
     logprobs = sampler.logprobs_fp32(logits).gather(1, tokens[:, None])[:, 0]
     sampler.validate(params)
@@ -104,17 +119,28 @@ def score_rows(
     # few hundred MB of temporaries (sorts, masks and noise are all [rows, vocab]).
     step = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     cpu_tokens = tokens.cpu()
+    vocab = logits.shape[-1]
+    stops = torch.tensor(
+        sorted({t for t in params.stop_token_ids if 0 <= t < vocab}), dtype=torch.long
+    )
     margins: list[float] = []
+    stop_margins: list[float] = []
     for first in range(0, len(completion), step):
-        chunk = _margins(
+        chunk, stop_chunk = _margins(
             logits[first : first + step].detach().float().cpu(),
             cpu_tokens[first : first + step],
             params,
+            stops=stops,
             noise_job_id=noise_job_id,
             first_position=first,
         )
         margins.extend(chunk.tolist())
-    return TokenScores(logprobs=tuple(logprobs.tolist()), margins=tuple(margins))
+        stop_margins.extend(stop_chunk.tolist())
+    return TokenScores(
+        logprobs=tuple(logprobs.tolist()),
+        margins=tuple(margins),
+        stop_margins=tuple(stop_margins),
+    )
 
 
 def _margins(
@@ -122,10 +148,12 @@ def _margins(
     tokens: torch.Tensor,
     params: SamplingParams,
     *,
+    stops: torch.Tensor,
     noise_job_id: str,
     first_position: int,
-) -> torch.Tensor:
-    """The margins of ``tokens`` (one per row of the float32 CPU rows ``x``), as float32.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The margins and stop margins of ``tokens`` (one per row of the float32 CPU rows ``x``),
+    as float32; ``stops`` are the sorted stop ids within the vocabulary.
 
     Bit for bit the per-row definition of the module docstring; tests/miner/test_scorer.py
     checks it against a row-at-a-time reference.
@@ -137,13 +165,23 @@ def _margins(
         # max(), as the definition takes it, settles it.
         for row in (peak == 0).nonzero()[:, 0].tolist():
             peak[row] = x[row].max()
-        return peak - x.gather(1, column)[:, 0]
+        gaps = peak - x.gather(1, column)[:, 0]
+        if stops.numel() == 0:
+            return gaps, torch.full_like(gaps, -math.inf)
+        return gaps, _stop_margins(gaps, best=peak, best_stop=x[:, stops].amax(dim=1))
     z = x / torch.full_like(x, params.temperature)
     core, in_edge = _core_and_claimed_edge(z, tokens, top_k=params.top_k, top_p=params.top_p)
     margins = torch.full((x.shape[0],), math.inf, dtype=torch.float32)
-    rows = in_edge.nonzero()[:, 0]
+    stop_margins = torch.full((x.shape[0],), -math.inf, dtype=torch.float32)
+    # A row whose claimed token is outside the edge has an infinite margin without any noise,
+    # but its stop margin still needs the core's scores when a stop token is in the core.
+    if core is None:
+        has_stop = torch.full_like(in_edge, stops.numel() > 0)
+    else:
+        has_stop = core[:, stops].any(dim=1)
+    rows = (in_edge | has_stop).nonzero()[:, 0]
     if rows.numel() == 0:
-        return margins
+        return margins, stop_margins
     key = sampler.noise_key(seed=params.seed, job_id=noise_job_id)
     positions = [first_position + row for row in rows.tolist()]
     if core is None:  # no truncation: every token is core, every row needs all its noise
@@ -151,9 +189,11 @@ def _margins(
         scores = z[rows] + noise.view(len(positions), -1)
         best = scores.amax(dim=1)
         claimed = scores.gather(1, column[rows])[:, 0]
+        best_stop = scores[:, stops].amax(dim=1) if stops.numel() else None
     else:
-        # Only the core tokens and the claimed one can change the margin, so only they get
-        # noise: a few dozen of the vocabulary under typical top-k / top-p.
+        # Only the core tokens and the claimed one can change the margins (the stop tokens
+        # that count are core tokens), so only they get noise: a few dozen of the vocabulary
+        # under typical top-k / top-p.
         wanted = core[rows].scatter(1, column[rows], True)
         at_row, at_token = wanted.nonzero(as_tuple=True)
         ends = torch.cumsum(wanted.sum(dim=1), dim=0)[:-1]
@@ -165,14 +205,38 @@ def _margins(
         )
         scores = z[rows[at_row], at_token] + noise
         in_core = core[rows[at_row], at_token]
-        best = torch.full((len(positions),), -math.inf, dtype=torch.float32).scatter_reduce(
-            0, at_row, scores.masked_fill(~in_core, -math.inf), reduce="amax"
-        )
+        best = _row_max(scores, at_row, in_core, rows=len(positions))
         claimed = scores[at_token == tokens[rows[at_row]]]
+        best_stop = None
+        if stops.numel():
+            is_stop = torch.isin(at_token, stops)
+            best_stop = _row_max(scores, at_row, in_core & is_stop, rows=len(positions))
     behind = best - claimed
     # max(0, behind) as Python's max(0.0, behind) has it: NaN (-inf behind -inf) becomes 0.
-    margins[rows] = torch.where(behind > 0, behind, torch.zeros_like(behind))
-    return margins
+    behind = torch.where(behind > 0, behind, torch.zeros_like(behind))
+    margins[rows] = torch.where(in_edge[rows], behind, margins[rows])
+    if best_stop is not None:
+        found = _stop_margins(margins[rows], best=best, best_stop=best_stop)
+        stop_margins[rows] = torch.where(has_stop[rows], found, stop_margins[rows])
+    return margins, stop_margins
+
+
+def _row_max(
+    scores: torch.Tensor, at_row: torch.Tensor, keep: torch.Tensor, *, rows: int
+) -> torch.Tensor:
+    """Per row, the largest of the ``scores`` (flattened, row ``at_row``) where ``keep`` holds;
+    -inf for a row with none."""
+    return torch.full((rows,), -math.inf, dtype=torch.float32).scatter_reduce(
+        0, at_row, scores.masked_fill(~keep, -math.inf), reduce="amax"
+    )
+
+
+def _stop_margins(
+    margins: torch.Tensor, *, best: torch.Tensor, best_stop: torch.Tensor
+) -> torch.Tensor:
+    """The margin where the best stop token is the pick (ties included), else how far it is
+    behind the pick (negative); rows with a stop token to pick only."""
+    return torch.where(best_stop >= best, margins, best_stop - best)
 
 
 def _noise_at(

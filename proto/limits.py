@@ -13,3 +13,10 @@ MAX_MINER_MESSAGE_BYTES = 256 * 1024
 
 MAX_TOKENS_PER_CHUNK = 4096
 """A TokenChunk carrying more token ids than this is a protocol violation."""
+
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a token may carry (OpenAI's limit for ``top_logprobs``)."""
+
+MAX_TOP_LOGPROB_TOKENS_PER_CHUNK = 512
+"""Tokens per TokenChunk when each carries alternatives: 512 tokens of 20 stay near 80 KB,
+well within MAX_MINER_MESSAGE_BYTES."""

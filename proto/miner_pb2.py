@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11proto/miner.proto\x12\x0bmeshmint.v1\"\xe3\x03\n\x0cMinerMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.meshmint.v1.HelloH\x00\x12.\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1c.meshmint.v1.ChallengeAnswerH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.meshmint.v1.TokenChunkH\x00\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.meshmint.v1.JobResultH\x00\x12*\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x17.meshmint.v1.JobFailureH\x00\x12+\n\theartbeat\x18\x06 \x01(\x0b\x32\x16.meshmint.v1.HeartbeatH\x00\x12#\n\x05\x64rain\x18\x07 \x01(\x0b\x32\x12.meshmint.v1.DrainH\x00\x12>\n\x13\x63onsistency_request\x18\x08 \x01(\x0b\x32\x1f.meshmint.v1.ConsistencyRequestH\x00\x12\x32\n\rwitness_alarm\x18\t \x01(\x0b\x32\x19.meshmint.v1.WitnessAlarmH\x00\x12\x30\n\x0cscore_result\x18\n \x01(\x0b\x32\x18.meshmint.v1.ScoreResultH\x00\x42\x06\n\x04\x62ody\"\xdf\x03\n\x12\x43oordinatorMessage\x12+\n\tchallenge\x18\x01 \x01(\x0b\x32\x16.meshmint.v1.ChallengeH\x00\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.meshmint.v1.WelcomeH\x00\x12\'\n\x07refusal\x18\x03 \x01(\x0b\x32\x14.meshmint.v1.RefusalH\x00\x12\x1f\n\x03job\x18\x04 \x01(\x0b\x32\x10.meshmint.v1.JobH\x00\x12(\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x16.meshmint.v1.CancelJobH\x00\x12+\n\theartbeat\x18\x06 \x01(\x0b\x32\x16.meshmint.v1.HeartbeatH\x00\x12\x34\n\x0e\x63redit_receipt\x18\x07 \x01(\x0b\x32\x1a.meshmint.v1.CreditReceiptH\x00\x12:\n\x11\x63onsistency_proof\x18\x08 \x01(\x0b\x32\x1d.meshmint.v1.ConsistencyProofH\x00\x12&\n\x05score\x18\t \x01(\x0b\x32\x15.meshmint.v1.ScoreJobH\x00\x12\x30\n\x0cslash_notice\x18\n \x01(\x0b\x32\x18.meshmint.v1.SlashNoticeH\x00\x42\x06\n\x04\x62ody\"]\n\x08Hardware\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x11\n\tcpu_count\x18\x04 \x01(\r\"R\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x02 \x01(\x0c\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\"\xbb\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\'\n\x08hardware\x18\x04 \x01(\x0b\x32\x15.meshmint.v1.Hardware\x12(\n\x06models\x18\x05 \x03(\x0b\x32\x18.meshmint.v1.ServedModel\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\"\x1a\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"$\n\x0f\x43hallengeAnswer\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"n\n\x07Welcome\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x15\n\rledger_origin\x18\x03 \x01(\t\x12\x1b\n\x13ledger_verifier_key\x18\x04 \x01(\t\"F\n\x07Refusal\x12*\n\x06reason\x18\x01 \x01(\x0e\x32\x1a.meshmint.v1.RefusalReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"}\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\"m\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.meshmint.v1.SamplingParams\"A\n\nTokenChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\"\xb1\x01\n\x07Receipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0erequest_sha256\x18\x02 \x01(\x0c\x12\x15\n\routput_sha256\x18\x03 \x01(\x0c\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x16\n\x0eweights_sha256\x18\x06 \x01(\x0c\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\"\x87\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.meshmint.v1.FinishReason\x12%\n\x07receipt\x18\x03 \x01(\x0b\x32\x14.meshmint.v1.Receipt\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"@\n\nJobFailure\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"9\n\tHeartbeat\x12\x17\n\x0fsent_at_unix_ms\x18\x01 \x01(\x04\x12\x13\n\x0b\x61\x63tive_jobs\x18\x02 \x01(\r\"\x1b\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"}\n\rCreditReceipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65ntry\x18\x02 \x01(\x0c\x12\r\n\x05index\x18\x03 \x01(\x04\x12\x11\n\ttree_size\x18\x04 \x01(\x04\x12\x17\n\x0finclusion_proof\x18\x05 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x06 \x01(\x0c\"8\n\x12\x43onsistencyRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"i\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"O\n\x0cWitnessAlarm\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x16\n\x0eold_checkpoint\x18\x02 \x01(\x0c\x12\x16\n\x0enew_checkpoint\x18\x03 \x01(\x0c\"\xa8\x01\n\x08ScoreJob\x12\x10\n\x08score_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\x04 \x03(\r\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.meshmint.v1.SamplingParams\x12\x14\n\x0cnoise_job_id\x18\x06 \x01(\t\"Q\n\x0bScoreResult\x12\x10\n\x08score_id\x18\x01 \x01(\t\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07margins\x18\x03 \x03(\x02\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"M\n\x0bSlashNotice\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x62\x61nned\x18\x04 \x01(\x08*\xad\x02\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\'\n#REFUSAL_REASON_UNSUPPORTED_PROTOCOL\x10\x01\x12 \n\x1cREFUSAL_REASON_BAD_SIGNATURE\x10\x02\x12 \n\x1cREFUSAL_REASON_UNKNOWN_MODEL\x10\x03\x12#\n\x1fREFUSAL_REASON_WEIGHTS_MISMATCH\x10\x04\x12\x1d\n\x19REFUSAL_REASON_BANNED_KEY\x10\x05\x12$\n REFUSAL_REASON_ALREADY_CONNECTED\x10\x06\x12%\n!REFUSAL_REASON_PROTOCOL_VIOLATION\x10\x07*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32Y\n\x0cMinerGateway\x12I\n\x07\x43onnect\x12\x19.meshmint.v1.MinerMessage\x1a\x1f.meshmint.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11proto/miner.proto\x12\x0bmeshmint.v1\"\xe3\x03\n\x0cMinerMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.meshmint.v1.HelloH\x00\x12.\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1c.meshmint.v1.ChallengeAnswerH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.meshmint.v1.TokenChunkH\x00\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.meshmint.v1.JobResultH\x00\x12*\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x17.meshmint.v1.JobFailureH\x00\x12+\n\theartbeat\x18\x06 \x01(\x0b\x32\x16.meshmint.v1.HeartbeatH\x00\x12#\n\x05\x64rain\x18\x07 \x01(\x0b\x32\x12.meshmint.v1.DrainH\x00\x12>\n\x13\x63onsistency_request\x18\x08 \x01(\x0b\x32\x1f.meshmint.v1.ConsistencyRequestH\x00\x12\x32\n\rwitness_alarm\x18\t \x01(\x0b\x32\x19.meshmint.v1.WitnessAlarmH\x00\x12\x30\n\x0cscore_result\x18\n \x01(\x0b\x32\x18.meshmint.v1.ScoreResultH\x00\x42\x06\n\x04\x62ody\"\xdf\x03\n\x12\x43oordinatorMessage\x12+\n\tchallenge\x18\x01 \x01(\x0b\x32\x16.meshmint.v1.ChallengeH\x00\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.meshmint.v1.WelcomeH\x00\x12\'\n\x07refusal\x18\x03 \x01(\x0b\x32\x14.meshmint.v1.RefusalH\x00\x12\x1f\n\x03job\x18\x04 \x01(\x0b\x32\x10.meshmint.v1.JobH\x00\x12(\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\x16.meshmint.v1.CancelJobH\x00\x12+\n\theartbeat\x18\x06 \x01(\x0b\x32\x16.meshmint.v1.HeartbeatH\x00\x12\x34\n\x0e\x63redit_receipt\x18\x07 \x01(\x0b\x32\x1a.meshmint.v1.CreditReceiptH\x00\x12:\n\x11\x63onsistency_proof\x18\x08 \x01(\x0b\x32\x1d.meshmint.v1.ConsistencyProofH\x00\x12&\n\x05score\x18\t \x01(\x0b\x32\x15.meshmint.v1.ScoreJobH\x00\x12\x30\n\x0cslash_notice\x18\n \x01(\x0b\x32\x18.meshmint.v1.SlashNoticeH\x00\x42\x06\n\x04\x62ody\"]\n\x08Hardware\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x11\n\tcpu_count\x18\x04 \x01(\r\"R\n\x0bServedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x02 \x01(\x0c\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\"\xbb\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x18\n\x10software_version\x18\x03 \x01(\t\x12\'\n\x08hardware\x18\x04 \x01(\x0b\x32\x15.meshmint.v1.Hardware\x12(\n\x06models\x18\x05 \x03(\x0b\x32\x18.meshmint.v1.ServedModel\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\"\x1a\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"$\n\x0f\x43hallengeAnswer\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"n\n\x07Welcome\x12\x10\n\x08miner_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x15\n\rledger_origin\x18\x03 \x01(\t\x12\x1b\n\x13ledger_verifier_key\x18\x04 \x01(\t\"F\n\x07Refusal\x12*\n\x06reason\x18\x01 \x01(\x0e\x32\x1a.meshmint.v1.RefusalReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x93\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\r\"m\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.meshmint.v1.SamplingParams\"q\n\nTokenChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.meshmint.v1.TopLogprobs\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\xb1\x01\n\x07Receipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0erequest_sha256\x18\x02 \x01(\x0c\x12\x15\n\routput_sha256\x18\x03 \x01(\x0c\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x16\n\x0eweights_sha256\x18\x06 \x01(\x0c\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\"\x87\x01\n\tJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x30\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x19.meshmint.v1.FinishReason\x12%\n\x07receipt\x18\x03 \x01(\x0b\x32\x14.meshmint.v1.Receipt\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"@\n\nJobFailure\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"9\n\tHeartbeat\x12\x17\n\x0fsent_at_unix_ms\x18\x01 \x01(\x04\x12\x13\n\x0b\x61\x63tive_jobs\x18\x02 \x01(\r\"\x1b\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"}\n\rCreditReceipt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65ntry\x18\x02 \x01(\x0c\x12\r\n\x05index\x18\x03 \x01(\x04\x12\x11\n\ttree_size\x18\x04 \x01(\x04\x12\x17\n\x0finclusion_proof\x18\x05 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x06 \x01(\x0c\"8\n\x12\x43onsistencyRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"i\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x12\n\ncheckpoint\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"O\n\x0cWitnessAlarm\x12\x0f\n\x07message\x18\x01 \x01(\t\x12\x16\n\x0eold_checkpoint\x18\x02 \x01(\x0c\x12\x16\n\x0enew_checkpoint\x18\x03 \x01(\x0c\"\xa8\x01\n\x08ScoreJob\x12\x10\n\x08score_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x1c\n\x14\x63ompletion_token_ids\x18\x04 \x03(\r\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.meshmint.v1.SamplingParams\x12\x14\n\x0cnoise_job_id\x18\x06 \x01(\t\"g\n\x0bScoreResult\x12\x10\n\x08score_id\x18\x01 \x01(\t\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07margins\x18\x03 \x03(\x02\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x14\n\x0cstop_margins\x18\x05 \x03(\x02\"M\n\x0bSlashNotice\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x62\x61nned\x18\x04 \x01(\x08*\xad\x02\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\'\n#REFUSAL_REASON_UNSUPPORTED_PROTOCOL\x10\x01\x12 \n\x1cREFUSAL_REASON_BAD_SIGNATURE\x10\x02\x12 \n\x1cREFUSAL_REASON_UNKNOWN_MODEL\x10\x03\x12#\n\x1fREFUSAL_REASON_WEIGHTS_MISMATCH\x10\x04\x12\x1d\n\x19REFUSAL_REASON_BANNED_KEY\x10\x05\x12$\n REFUSAL_REASON_ALREADY_CONNECTED\x10\x06\x12%\n!REFUSAL_REASON_PROTOCOL_VIOLATION\x10\x07*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32Y\n\x0cMinerGateway\x12I\n\x07\x43onnect\x12\x19.meshmint.v1.MinerMessage\x1a\x1f.meshmint.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.miner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REFUSALREASON']._serialized_start=3130
-  _globals['_REFUSALREASON']._serialized_end=3431
-  _globals['_FINISHREASON']._serialized_start=3433
-  _globals['_FINISHREASON']._serialized_end=3557
+  _globals['_REFUSALREASON']._serialized_start=3275
+  _globals['_REFUSALREASON']._serialized_end=3576
+  _globals['_FINISHREASON']._serialized_start=3578
+  _globals['_FINISHREASON']._serialized_end=3702
   _globals['_MINERMESSAGE']._serialized_start=35
   _globals['_MINERMESSAGE']._serialized_end=518
   _globals['_COORDINATORMESSAGE']._serialized_start=521
@@ -53,38 +53,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WELCOME']._serialized_end=1547
   _globals['_REFUSAL']._serialized_start=1549
   _globals['_REFUSAL']._serialized_end=1619
-  _globals['_SAMPLINGPARAMS']._serialized_start=1621
-  _globals['_SAMPLINGPARAMS']._serialized_end=1746
-  _globals['_JOB']._serialized_start=1748
-  _globals['_JOB']._serialized_end=1857
-  _globals['_TOKENCHUNK']._serialized_start=1859
-  _globals['_TOKENCHUNK']._serialized_end=1924
-  _globals['_RECEIPT']._serialized_start=1927
-  _globals['_RECEIPT']._serialized_end=2104
-  _globals['_JOBRESULT']._serialized_start=2107
-  _globals['_JOBRESULT']._serialized_end=2242
-  _globals['_JOBFAILURE']._serialized_start=2244
-  _globals['_JOBFAILURE']._serialized_end=2308
-  _globals['_HEARTBEAT']._serialized_start=2310
-  _globals['_HEARTBEAT']._serialized_end=2367
-  _globals['_CANCELJOB']._serialized_start=2369
-  _globals['_CANCELJOB']._serialized_end=2396
-  _globals['_DRAIN']._serialized_start=2398
-  _globals['_DRAIN']._serialized_end=2421
-  _globals['_CREDITRECEIPT']._serialized_start=2423
-  _globals['_CREDITRECEIPT']._serialized_end=2548
-  _globals['_CONSISTENCYREQUEST']._serialized_start=2550
-  _globals['_CONSISTENCYREQUEST']._serialized_end=2606
-  _globals['_CONSISTENCYPROOF']._serialized_start=2608
-  _globals['_CONSISTENCYPROOF']._serialized_end=2713
-  _globals['_WITNESSALARM']._serialized_start=2715
-  _globals['_WITNESSALARM']._serialized_end=2794
-  _globals['_SCOREJOB']._serialized_start=2797
-  _globals['_SCOREJOB']._serialized_end=2965
-  _globals['_SCORERESULT']._serialized_start=2967
-  _globals['_SCORERESULT']._serialized_end=3048
-  _globals['_SLASHNOTICE']._serialized_start=3050
-  _globals['_SLASHNOTICE']._serialized_end=3127
-  _globals['_MINERGATEWAY']._serialized_start=3559
-  _globals['_MINERGATEWAY']._serialized_end=3648
+  _globals['_SAMPLINGPARAMS']._serialized_start=1622
+  _globals['_SAMPLINGPARAMS']._serialized_end=1769
+  _globals['_JOB']._serialized_start=1771
+  _globals['_JOB']._serialized_end=1880
+  _globals['_TOKENCHUNK']._serialized_start=1882
+  _globals['_TOKENCHUNK']._serialized_end=1995
+  _globals['_TOPLOGPROBS']._serialized_start=1997
+  _globals['_TOPLOGPROBS']._serialized_end=2047
+  _globals['_RECEIPT']._serialized_start=2050
+  _globals['_RECEIPT']._serialized_end=2227
+  _globals['_JOBRESULT']._serialized_start=2230
+  _globals['_JOBRESULT']._serialized_end=2365
+  _globals['_JOBFAILURE']._serialized_start=2367
+  _globals['_JOBFAILURE']._serialized_end=2431
+  _globals['_HEARTBEAT']._serialized_start=2433
+  _globals['_HEARTBEAT']._serialized_end=2490
+  _globals['_CANCELJOB']._serialized_start=2492
+  _globals['_CANCELJOB']._serialized_end=2519
+  _globals['_DRAIN']._serialized_start=2521
+  _globals['_DRAIN']._serialized_end=2544
+  _globals['_CREDITRECEIPT']._serialized_start=2546
+  _globals['_CREDITRECEIPT']._serialized_end=2671
+  _globals['_CONSISTENCYREQUEST']._serialized_start=2673
+  _globals['_CONSISTENCYREQUEST']._serialized_end=2729
+  _globals['_CONSISTENCYPROOF']._serialized_start=2731
+  _globals['_CONSISTENCYPROOF']._serialized_end=2836
+  _globals['_WITNESSALARM']._serialized_start=2838
+  _globals['_WITNESSALARM']._serialized_end=2917
+  _globals['_SCOREJOB']._serialized_start=2920
+  _globals['_SCOREJOB']._serialized_end=3088
+  _globals['_SCORERESULT']._serialized_start=3090
+  _globals['_SCORERESULT']._serialized_end=3193
+  _globals['_SLASHNOTICE']._serialized_start=3195
+  _globals['_SLASHNOTICE']._serialized_end=3272
+  _globals['_MINERGATEWAY']._serialized_start=3704
+  _globals['_MINERGATEWAY']._serialized_end=3793
 # @@protoc_insertion_point(module_scope)

@@ -22,7 +22,7 @@ Every miner is also a witness of the ledger (a Merkle log with signed checkpoint
 
 Spot checks: the coordinator re-scores a sample of finished jobs on other miners.
                    <------------ ScoreJob (someone else's prompt and completion)
-  ScoreResult      ------------>  (per-token log-probabilities and margins)
+  ScoreResult      ------------>  (per-token log-probabilities, margins, stop margins)
                    <------------ SlashNotice (a confirmed failed check took credits)
 
 Message-size limits are explicit (proto/limits.py) and enforced on both ends.
@@ -422,6 +422,7 @@ class SamplingParams(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """0 means greedy (argmax)."""
     top_p: _builtins.float
@@ -432,6 +433,10 @@ class SamplingParams(_message.Message):
     """Upper bound on generated tokens, stop token included."""
     seed: _builtins.int
     """Keys the Gumbel noise together with the job id and the position."""
+    top_logprobs: _builtins.int
+    """Alternatives to report with each token (0-20, the buyer's top_logprobs); never changes the
+    choice, so it is not part of the request digest.
+    """
     @_builtins.property
     def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Generation ends after any of these tokens (the end-of-sequence ids, chosen by the coordinator)."""
@@ -445,10 +450,11 @@ class SamplingParams(_message.Message):
         max_tokens: _builtins.int = ...,
         seed: _builtins.int = ...,
         stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        top_logprobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "seed", b"seed", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "seed", b"seed", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +501,7 @@ class TokenChunk(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
@@ -502,20 +509,53 @@ class TokenChunk(_message.Message):
     def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Log-probability (natural log, fp32 logits, temperature 1) of each token in token_ids."""
 
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprobs]:
+        """When the job asked for top_logprobs: one per token in token_ids, its most likely
+        alternatives under the same log-softmax; otherwise empty.
+        """
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        top_logprobs: _abc.Iterable[Global___TopLogprobs] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "logprobs", b"logprobs", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "logprobs", b"logprobs", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TokenChunk: _TypeAlias = TokenChunk  # noqa: Y015
+
+@_typing.final
+class TopLogprobs(_message.Message):
+    """The most likely tokens at one position, most likely first (ties: lower id first)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        logprobs: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopLogprobs: _TypeAlias = TopLogprobs  # noqa: Y015
 
 @_typing.final
 class Receipt(_message.Message):
@@ -871,6 +911,7 @@ class ScoreResult(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     MARGINS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    STOP_MARGINS_FIELD_NUMBER: _builtins.int
     score_id: _builtins.str
     error: _builtins.str
     """Set when the job could not be scored (unknown model, bad ids); the lists are then empty."""
@@ -885,6 +926,14 @@ class ScoreResult(_message.Message):
         +inf means the token was outside top-k / top-p.
         """
 
+    @_builtins.property
+    def stop_margins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """One per completion token, or none from a scorer that predates them: where the reference
+        sampler's pick is a stop token of the job, the claimed token's margin (> 0: the miner went
+        on where the sampler would have stopped); elsewhere the best stop token's score minus the
+        pick's (< 0), -inf when no stop token can be picked (miner/scorer.py).
+        """
+
     def __init__(
         self,
         *,
@@ -892,10 +941,11 @@ class ScoreResult(_message.Message):
         logprobs: _abc.Iterable[_builtins.float] | None = ...,
         margins: _abc.Iterable[_builtins.float] | None = ...,
         error: _builtins.str = ...,
+        stop_margins: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "logprobs", b"logprobs", "margins", b"margins", "score_id", b"score_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "logprobs", b"logprobs", "margins", b"margins", "score_id", b"score_id", "stop_margins", b"stop_margins"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

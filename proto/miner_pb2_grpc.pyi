@@ -22,7 +22,7 @@ Every miner is also a witness of the ledger (a Merkle log with signed checkpoint
 
 Spot checks: the coordinator re-scores a sample of finished jobs on other miners.
                    <------------ ScoreJob (someone else's prompt and completion)
-  ScoreResult      ------------>  (per-token log-probabilities and margins)
+  ScoreResult      ------------>  (per-token log-probabilities, margins, stop margins)
                    <------------ SlashNotice (a confirmed failed check took credits)
 
 Message-size limits are explicit (proto/limits.py) and enforced on both ends.

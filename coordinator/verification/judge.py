@@ -2,8 +2,8 @@
 
 Pure Python (no torch), so the coordinator can run it anywhere. The inputs are the checked
 miner's :class:`Claim` (prompt, tokens, claimed log-probabilities, finish reason and the job's
-limits) and a scorer's :class:`Scores` (``miner.scorer``: per-token log-probabilities and
-margins under the reference sampler, from one teacher-forced pass). A job fails when
+limits) and a scorer's :class:`Scores` (``miner.scorer``: per-token log-probabilities, margins
+and stop margins under the reference sampler, from one teacher-forced pass). A job fails when
 
 - its **structure** is wrong (:func:`structure_problems`): more tokens than allowed, a stop
   token anywhere but last, a finish reason the tokens do not bear out, ids outside the
@@ -15,6 +15,13 @@ margins under the reference sampler, from one teacher-forced pass). A job fails 
   top-k or top-p set that another dtype keeps and the scorer drops;
 - its claimed **stop token disagrees** (a truncation with a forged end: one token, which the
   allowance would otherwise forgive);
+- it **skipped a stop**: at some position whose claimed token is not a stop token, the reference
+  sampler's pick is a stop token ahead of the claimed token by more than ``stop_margin_limit``
+  (the stop margin). Going on past the end pads the output and bills tokens nobody asked for,
+  so that one disagreement fails the job whatever the margin rules forgive: the miner's token
+  there is usually the best other token, whose margin is the gap between the two best noisy
+  scores, mostly below ``margin_limit``. Scores without stop margins (a scorer that predates
+  them) leave this rule out;
 - its claimed log-probabilities are **off** on average: ``sum |claimed - scored|`` above
   ``dlogprob_allowance + max_mean_abs_dlogprob * n``.
 
@@ -65,6 +72,12 @@ class Thresholds:
     dlogprob_allowance: float = 0.1
     # A claimed final stop token whose margin exceeds margin_limit fails the job by itself.
     stop_token_must_agree: bool = True
+    # A claimed non-stop token whose stop margin exceeds this (the reference sampler would have
+    # stopped there, by this much) fails the job by itself. A stop margin is a margin, so an
+    # honest miner's stays below its largest margin (0.295 on SmolLM2-135M in bf16, 0.051 on
+    # the demo model); a skipped stop is caught when the sampler preferred stopping by more than
+    # this (docs/verification.md gives the measured rates).
+    stop_margin_limit: float = 0.5
     # Pooled per-miner statistics give a verdict once they cover this many tokens.
     pooled_min_tokens: int = 300
     # A pool fails when its mean |claimed - scored| log-prob exceeds this (honest bf16 SmolLM2
@@ -76,6 +89,7 @@ class Thresholds:
     def __post_init__(self) -> None:
         for name in (
             "margin_limit",
+            "stop_margin_limit",
             "max_disagreeing_fraction",
             "disagreeing_allowance",
             "max_mean_abs_dlogprob",
@@ -110,6 +124,9 @@ class Scores:
 
     logprobs: tuple[float, ...]  # the scorer's fp32 log-probability of each claimed token
     margins: tuple[float, ...]  # 0 = the scorer picks the same token; inf = truncated away
+    # > 0: the scorer's pick is a stop token this far ahead of the claimed token; <= 0: no stop
+    # skipped there. Empty: the scorer did not send them (it predates them): unknown.
+    stop_margins: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,13 +199,17 @@ def judge_job(claim: Claim, scores: Scores, thresholds: Thresholds) -> Verdict:
     """Judges one checked job: its structure, then the scorer's margins and log-probabilities."""
     reasons = structure_problems(claim)
     n = len(claim.token_ids)
+    stop_margins = scores.stop_margins
     if len(scores.logprobs) != n or len(scores.margins) != n:
         reasons.append(
             f"the scorer returned {len(scores.logprobs)} log-probabilities and"
             f" {len(scores.margins)} margins for {n} tokens"
         )
         return _verdict(reasons, tokens=0, disagreeing=0, sum_abs=0.0)
-    if any(math.isnan(v) for v in (*scores.logprobs, *scores.margins)):
+    if len(stop_margins) not in (0, n):
+        reasons.append(f"the scorer returned {len(stop_margins)} stop margins for {n} tokens")
+        return _verdict(reasons, tokens=0, disagreeing=0, sum_abs=0.0)
+    if any(math.isnan(v) for v in (*scores.logprobs, *scores.margins, *stop_margins)):
         reasons.append("the scorer's log-probabilities or margins hold NaN")
         return _verdict(reasons, tokens=0, disagreeing=0, sum_abs=0.0)
 
@@ -210,6 +231,7 @@ def judge_job(claim: Claim, scores: Scores, thresholds: Thresholds) -> Verdict:
             f"the final stop token disagrees with the reference sampler"
             f" (margin {scores.margins[-1]:.3g} > {limit:g})"
         )
+    reasons.extend(_skipped_stops(claim, stop_margins, thresholds.stop_margin_limit))
     sum_abs = sum(
         _abs_dlogprob(claimed, scored)
         for claimed, scored in zip(claim.logprobs, scores.logprobs, strict=False)
@@ -221,6 +243,28 @@ def judge_job(claim: Claim, scores: Scores, thresholds: Thresholds) -> Verdict:
             f" at most {allowed_sum / n:.4f} allowed for {n} tokens"
         )
     return _verdict(reasons, tokens=n, disagreeing=disagreeing, sum_abs=sum_abs)
+
+
+def _skipped_stops(claim: Claim, stop_margins: tuple[float, ...], limit: float) -> list[str]:
+    """The reason for going on where the reference sampler would have stopped, if it did.
+
+    Every position counts whose claimed token is not a stop token: one before the end, and the
+    last one of a job that ended at ``max_tokens`` or was cancelled (a stop token there would
+    have ended it with "stop").
+    """
+    skipped = [
+        (position, value)
+        for position, (token, value) in enumerate(zip(claim.token_ids, stop_margins, strict=False))
+        if value > limit and token not in claim.stop_token_ids
+    ]
+    if not skipped:
+        return []
+    position, value = skipped[0]
+    more = f" ({len(skipped)} positions like it)" if len(skipped) > 1 else ""
+    return [
+        f"the reference sampler would have stopped at position {position} (stop token ahead"
+        f" by {value:.3g} > {limit:g}); the miner went on{more}"
+    ]
 
 
 def _abs_dlogprob(claimed: float, scored: float) -> float:

@@ -150,12 +150,21 @@ class Scoring:
             logger.info("scorer %s went away: %s", session.miner_id[:12], lost)
             return None
         expected = len(finished.token_ids)
-        if result.error or len(result.logprobs) != expected or len(result.margins) != expected:
+        counts = (len(result.logprobs), len(result.margins))
+        # No stop margins at all is a scorer that predates them: the judge leaves that rule out.
+        stops_fit = len(result.stop_margins) in (0, expected)
+        if result.error or counts != (expected, expected) or not stops_fit:
             logger.warning(
                 "scorer %s could not score job %s: %s",
                 session.miner_id[:12],
                 job.job_id,
-                result.error or f"{len(result.logprobs)} scores for {expected} tokens",
+                result.error
+                or f"{counts[0]} log-probabilities, {counts[1]} margins and"
+                f" {len(result.stop_margins)} stop margins for {expected} tokens",
             )
             return None
-        return Scores(logprobs=tuple(result.logprobs), margins=tuple(result.margins))
+        return Scores(
+            logprobs=tuple(result.logprobs),
+            margins=tuple(result.margins),
+            stop_margins=tuple(result.stop_margins),
+        )

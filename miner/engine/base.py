@@ -90,6 +90,10 @@ class TokenScores:
 
     logprobs: tuple[float, ...]  # log-softmax of the scorer's fp32 logits, temperature 1
     margins: tuple[float, ...]  # max(scores) - scores[token]; 0 = same pick, inf = truncated away
+    # Where the reference sampler picks a stop token: that token's margin; elsewhere the best
+    # stop token's score minus the pick's (< 0; -inf: none can be picked). Empty: not computed
+    # (an engine that predates it); the coordinator then treats skipped stops as unknown.
+    stop_margins: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

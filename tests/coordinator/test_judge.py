@@ -31,6 +31,7 @@ RULES = Thresholds(
     max_mean_abs_dlogprob=0.02,
     dlogprob_allowance=0.1,
     stop_token_must_agree=True,
+    stop_margin_limit=0.5,
     pooled_min_tokens=100,
     pooled_max_mean_abs_dlogprob=0.01,
     pooled_max_disagreeing_fraction=0.01,
@@ -64,6 +65,14 @@ def agreeing(claim: Claim, *, dlogprob: float = 0.0) -> Scores:
 def with_margins(claim: Claim, margins: dict[int, float]) -> Scores:
     values = [margins.get(i, 0.0) for i in range(len(claim.token_ids))]
     return dataclasses.replace(agreeing(claim), margins=tuple(values))
+
+
+def with_stop_margins(claim: Claim, stop_margins: dict[int, float]) -> Scores:
+    """An agreeing scorer's scores, with these stop margins (elsewhere no stop token close:
+    -3) and, as a scorer reports them, the same positive values as margins."""
+    values = [stop_margins.get(i, -3.0) for i in range(len(claim.token_ids))]
+    margins = {i: value for i, value in stop_margins.items() if value > 0}
+    return dataclasses.replace(with_margins(claim, margins), stop_margins=tuple(values))
 
 
 # --- structure -------------------------------------------------------------------------------
@@ -138,11 +147,11 @@ def test_zero_logprob_is_allowed() -> None:
 # --- scores that do not fit -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field", ["logprobs", "margins"])
+@pytest.mark.parametrize("field", ["logprobs", "margins", "stop_margins"])
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_scores_of_the_wrong_length_fail_without_statistics(field: str, delta: int) -> None:
     claim = make_claim(10)
-    scores = agreeing(claim)
+    scores = with_stop_margins(claim, {})
     values = getattr(scores, field)
     values = values[:delta] if delta < 0 else (*values, 0.0)
     verdict = judge_job(claim, dataclasses.replace(scores, **{field: values}), RULES)
@@ -151,10 +160,10 @@ def test_scores_of_the_wrong_length_fail_without_statistics(field: str, delta: i
     assert verdict.tokens == 0
 
 
-@pytest.mark.parametrize("field", ["logprobs", "margins"])
+@pytest.mark.parametrize("field", ["logprobs", "margins", "stop_margins"])
 def test_nan_scores_fail_the_job(field: str) -> None:
     claim = make_claim(10)
-    scores = agreeing(claim)
+    scores = with_stop_margins(claim, {})
     values = (math.nan, *getattr(scores, field)[1:])
     verdict = judge_job(claim, dataclasses.replace(scores, **{field: values}), RULES)
     assert not verdict.passed
@@ -204,6 +213,60 @@ def test_a_disagreeing_final_stop_token_fails_alone() -> None:
     # The same margin on an ordinary last token is forgiven by the "1 +".
     plain = make_claim(100)
     assert judge_job(plain, with_margins(plain, {99: 3.0}), RULES).passed
+
+
+# --- skipped stops ----------------------------------------------------------------------------
+
+
+def test_going_on_where_the_sampler_would_have_stopped_fails_alone() -> None:
+    claim = make_claim(100)
+    skipped = with_stop_margins(claim, {40: 0.8})
+    # The margin rule forgives the token (0.8 is within margin_limit, and one disagreeing token
+    # would be forgiven anyway), as does a scorer that sends no stop margins (it predates them);
+    # the skipped stop alone fails the job.
+    without = dataclasses.replace(skipped, stop_margins=())
+    assert judge_job(claim, without, RULES).passed
+    verdict = judge_job(claim, skipped, RULES)
+    assert not verdict.passed
+    assert verdict.reasons == (
+        "the reference sampler would have stopped at position 40 (stop token ahead by 0.8 > 0.5);"
+        " the miner went on",
+    )
+    assert verdict.disagreeing == 0 and verdict.tokens == 100
+
+
+def test_a_stop_margin_counts_only_above_the_limit() -> None:
+    claim = make_claim(20)
+    limit = RULES.stop_margin_limit
+    at_limit = with_stop_margins(claim, {3: limit, 4: 0.0, 5: -math.inf})
+    assert judge_job(claim, at_limit, RULES).passed
+    above = judge_job(claim, with_stop_margins(claim, {3: limit * 1.01}), RULES)
+    assert not above.passed and "position 3" in above.reasons[0]
+    stricter = dataclasses.replace(RULES, stop_margin_limit=limit / 2)
+    assert not judge_job(claim, at_limit, stricter).passed
+
+
+def test_every_skipped_stop_is_counted_and_the_first_named() -> None:
+    claim = make_claim(20)
+    verdict = judge_job(claim, with_stop_margins(claim, {2: 3.0, 7: math.inf, 9: 1.5}), RULES)
+    assert not verdict.passed
+    skipped = [r for r in verdict.reasons if "would have stopped" in r]
+    assert skipped == [
+        "the reference sampler would have stopped at position 2 (stop token ahead by 3 > 0.5);"
+        " the miner went on (3 positions like it)"
+    ]
+
+
+@pytest.mark.parametrize("finish_reason", ["length", "cancelled"])
+def test_the_last_token_counts_unless_it_is_a_stop_token(finish_reason: str) -> None:
+    claim = make_claim(10, finish_reason=finish_reason)
+    verdict = judge_job(claim, with_stop_margins(claim, {9: 0.7}), RULES)
+    assert not verdict.passed and "position 9" in verdict.reasons[0]
+    # A final stop token with a positive stop margin stopped too (on another stop token, or on
+    # the same one by a disagreeing margin, which is the stop-token rule's business).
+    stopped = make_claim(10, stop=True)
+    other_stop = with_stop_margins(stopped, {9: 0.7})
+    assert judge_job(stopped, other_stop, RULES).passed
 
 
 # --- log-probabilities -----------------------------------------------------------------------
@@ -300,6 +363,8 @@ def test_pool_adds_job_verdicts_and_unscored_jobs_add_no_tokens() -> None:
     "change",
     [
         {"margin_limit": -1.0},
+        {"stop_margin_limit": -0.5},
+        {"stop_margin_limit": math.inf},
         {"max_disagreeing_fraction": math.nan},
         {"max_mean_abs_dlogprob": math.inf},
         {"pooled_min_tokens": 0},
@@ -313,8 +378,19 @@ def test_thresholds_refuse_nonsense(change: dict[str, float]) -> None:
 def test_defaults_pass_an_honest_job_and_fail_a_substituted_one() -> None:
     claim = make_claim(100)
     assert judge_job(claim, agreeing(claim), Thresholds()).passed
+    assert judge_job(claim, with_stop_margins(claim, {}), Thresholds()).passed
     substituted = {i: 10 * Thresholds().margin_limit for i in range(0, 100, 10)}
     assert not judge_job(claim, with_margins(claim, substituted), Thresholds()).passed
+
+
+def test_defaults_fail_a_skipped_stop_that_the_margin_rule_forgives() -> None:
+    defaults = Thresholds()
+    # Above the largest honest margin measured (0.295), below margin_limit.
+    assert 0.295 < defaults.stop_margin_limit < defaults.margin_limit
+    claim = make_claim(300)  # long enough for the disagreeing allowance to forgive one token
+    skipped = {150: defaults.margin_limit * 1.5}
+    assert judge_job(claim, with_margins(claim, skipped), defaults).passed
+    assert not judge_job(claim, with_stop_margins(claim, skipped), defaults).passed
 
 
 def test_the_judge_imports_no_torch() -> None:

@@ -54,6 +54,25 @@ def silent(score: miner_pb2.ScoreJob) -> None:
     return None
 
 
+SKIPPED_AT = 5
+
+
+def skipped_stop(score: miner_pb2.ScoreJob) -> miner_pb2.ScoreResult:
+    """What an honest scorer sees of a miner that went on past a stop at ``SKIPPED_AT``: every
+    token agrees within the margin limit, but the sampler would have stopped there."""
+    result = honest(score)
+    n = len(score.completion_token_ids)
+    result.margins[SKIPPED_AT] = 0.8
+    result.stop_margins.extend([0.8 if i == SKIPPED_AT else -2.0 for i in range(n)])
+    return result
+
+
+def stop_margins_of_the_wrong_length(score: miner_pb2.ScoreJob) -> miner_pb2.ScoreResult:
+    result = honest(score)
+    result.stop_margins.extend([-2.0] * (len(score.completion_token_ids) - 1))
+    return result
+
+
 def off_by(delta: float) -> Behaviour:
     """What an honest scorer sees of a miner on slightly wrong weights: its claimed
     log-probabilities are off by ``delta``, always, and it picks the right tokens."""
@@ -315,3 +334,31 @@ def test_config_rejects_nonsense() -> None:
     for bad in ({"floor": 0.0}, {"floor": 1.5}, {"window_s": -1.0}, {"bans_after": 0}):
         with pytest.raises(ValueError):
             VerificationConfig(**bad)  # type: ignore[arg-type]
+
+
+async def test_a_skipped_stop_is_confirmed_and_named_in_the_record_and_the_notice(
+    market: Market, entry: CatalogEntry
+) -> None:
+    assert entry.verification.stop_margin_limit < 0.8 < entry.verification.margin_limit
+    padder = await market.miner()
+    await market.miner(skipped_stop)
+    await market.miner(skipped_stop)
+    finished = await market.settled_job(padder, entry)
+    assert await market.checker.check(finished) == "confirmed"
+    reason = f"would have stopped at position {SKIPPED_AT} (stop token ahead by 0.8"
+    [row] = await recent_checks(market.pool, miner_id=padder.miner_id)
+    assert row.outcome == "confirmed" and reason in row.reasons
+    assert reason in market.trust.get(padder.miner_id).last_failure
+    [notice] = await notices(market, padder)
+    assert reason in notice.reason
+
+
+async def test_scorers_without_stop_margins_judge_as_before_and_a_wrong_count_is_passed_over(
+    market: Market, entry: CatalogEntry
+) -> None:
+    miner = await market.miner()
+    await market.miner(stop_margins_of_the_wrong_length)
+    finished = await market.settled_job(miner, entry)
+    assert await market.checker.check(finished) == "skipped"
+    await market.miner(honest)  # sends no stop margins, as scorers did before them
+    assert await market.checker.check(finished) == "passed"

@@ -19,6 +19,11 @@ VARIANT is one of:
   shorter), each with log-probability -1.0; no forward pass at all.
 - ``truncate``: the first half of the real tokens (generated in full first), then
   ``stop_token_ids[0]``: a forged early end that passes the coordinator's structural checks.
+- ``skip-stop``: the reference sampler's tokens, except at the first position where it picks a
+  stop token: there the best other token (by the sampler's own scores), with its true
+  log-probability, and generation goes on from it (:func:`skip_first_stop`). The output is
+  padded past its end to bill more tokens, with every token the sampler's best but one. It runs
+  its own fp32 copy of the model on the CPU, one full forward pass a token, not the engine.
 - ``lying-scorer``: generates honestly, but as a spot-check scorer reports every margin as 5.0
   and every log-probability shifted by -1.0, framing whoever it checks.
 
@@ -28,18 +33,24 @@ Every variant but ``lying-scorer`` scores spot checks honestly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import os
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
-import miner.engine.torch_engine as torch_engine
+import torch
+
+from miner import sampler
 from miner.engine.base import (
     Engine,
     GeneratedToken,
+    GenerationError,
     GenerationRequest,
     ModelInfo,
     ScoreRequest,
@@ -51,10 +62,57 @@ LYING_LOGPROB_SHIFT = -1.0
 RANDOM_LOGPROB = -1.0
 
 
+def skip_first_stop(
+    model: Any, request: GenerationRequest, *, context_length: int, skip: bool = True
+) -> Iterator[GeneratedToken]:
+    """The reference sampler's tokens for ``request`` on ``model`` (fp32, CPU), except, with
+    ``skip``, at the first position where it picks a stop token: there the token with the best
+    sampling score among the others (none when every other token is truncated away).
+
+    One full forward pass a token: slow, but it needs nothing of the engine's internals. Each
+    token may be asked for on another thread (``inference_mode`` is entered per pass).
+    """
+    params = request.sampling
+    ids = list(request.prompt_token_ids)
+    budget = min(params.max_tokens, context_length - len(ids))
+    vocab = int(model.config.vocab_size)
+    stops = sorted({t for t in params.stop_token_ids if 0 <= t < vocab})
+    to_skip = skip
+    for position in range(max(0, budget)):
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            scores = sampler.sampling_scores(
+                logits, params, job_id=request.job_id, position=position
+            )
+            token = int(torch.argmax(scores))
+            if to_skip and token in stops:
+                others = scores.clone()
+                others[stops] = -math.inf
+                if math.isfinite(float(others.max())):
+                    token, to_skip = int(torch.argmax(others)), False
+            logprob = float(sampler.logprobs_fp32(logits)[token])
+        yield GeneratedToken(token_id=token, logprob=logprob)
+        if token in stops:
+            return
+        ids.append(token)
+
+
+def load_reference_model(source: Path) -> Any:
+    """An fp32 CPU copy of the Hugging Face model in ``source``, for ``skip-stop``."""
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        source, local_files_only=True, dtype=torch.float32
+    )
+    model.eval()
+    return model
+
+
 class VariantEngine:
-    def __init__(self, inner: Engine, variant: str) -> None:
+    def __init__(self, inner: Engine, variant: str, *, reference: Any = None) -> None:
         self._inner = inner
         self._variant = variant
+        self._reference = reference  # skip-stop's own copy of the model
 
     @property
     def info(self) -> ModelInfo:
@@ -76,6 +134,19 @@ class VariantEngine:
             async for token in self._truncated(request):
                 yield token
             return
+        if self._variant == "skip-stop":
+            if self._reference is None:
+                raise GenerationError("skip-stop runs its own copy of the model; none loaded")
+            context = self.info.context_length
+            tokens = skip_first_stop(self._reference, request, context_length=context)
+
+            def following() -> GeneratedToken | None:
+                return next(tokens, None)
+
+            # Streamed as they come, so its time to first token is like an engine's.
+            while (streamed := await asyncio.to_thread(following)) is not None:
+                yield streamed
+            return
         if self._variant.startswith("substitute:"):
             fraction = float(self._variant.split(":", 1)[1])
             async for token in self._substituted(request, fraction):
@@ -91,7 +162,8 @@ class VariantEngine:
         scores = await self._inner.score(request)
         if self._variant != "lying-scorer":
             return scores
-        return TokenScores(
+        return dataclasses.replace(
+            scores,
             logprobs=tuple(logprob + LYING_LOGPROB_SHIFT for logprob in scores.logprobs),
             margins=(LYING_MARGIN,) * len(scores.margins),
         )
@@ -137,13 +209,20 @@ class VariantEngine:
 
 
 def main() -> int:
+    # Imported here: the engine is not needed by tests that use VariantEngine on a fake.
+    import miner.engine.torch_engine as torch_engine
+
     variant, argv = sys.argv[1], sys.argv[2:]
     original = torch_engine.TorchEngine.load
 
     @asynccontextmanager
     async def load(*args: Any, **kwargs: Any) -> AsyncIterator[VariantEngine]:
+        reference = None
+        if variant == "skip-stop":  # TorchEngine.load(name, source, ...)
+            source = Path(kwargs["source"] if "source" in kwargs else args[1])
+            reference = await asyncio.to_thread(load_reference_model, source)
         async with original(*args, **kwargs) as engine:
-            yield VariantEngine(engine, variant)
+            yield VariantEngine(engine, variant, reference=reference)
 
     torch_engine.TorchEngine.load = load  # type: ignore[method-assign,assignment]
     from miner.cli import main as miner_main

@@ -1,13 +1,15 @@
 """``miner.scorer.score_rows`` against the row-at-a-time definition it vectorizes.
 
 ``_reference_margins`` below is the scorer as it was written first: one row at a time, a full
-stable sort, full-vocabulary noise from ``miner.sampler.gumbel_noise``. The vectorized scorer
-must give the same margins bit for bit (the same infinities, the same finite floats) for any
-logits, sampling parameters and claimed tokens, ties and tokens outside the set included.
+stable sort, full-vocabulary noise from ``miner.sampler.gumbel_noise``, and the stop margin
+straight from its definition. The vectorized scorer must give the same margins and stop margins
+bit for bit (the same infinities, the same finite floats) for any logits, sampling parameters,
+stop tokens and claimed tokens, ties and tokens outside the set included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -51,28 +53,45 @@ def _reference_core_and_edge(
 
 def _reference_margin(
     x: torch.Tensor, token: int, params: SamplingParams, noise_job_id: str, position: int
-) -> float:
+) -> tuple[float, float]:
+    """The margin and the stop margin of ``token`` on the row ``x``."""
+    is_stop = torch.zeros(x.shape[0], dtype=torch.bool)
+    for stop in params.stop_token_ids:
+        if 0 <= stop < x.shape[0]:
+            is_stop[stop] = True
     if params.temperature == 0:
-        return float((x.max() - x[token]).item())
+        gap = x.max() - x[token]
+        if not bool(is_stop.any()):
+            return float(gap.item()), -math.inf
+        best_stop = x[is_stop].max()
+        stop_gap = gap if best_stop >= x.max() else best_stop - x.max()
+        return float(gap.item()), float(stop_gap.item())
     z = x / torch.full_like(x, params.temperature)
     core, edge = _reference_core_and_edge(z, top_k=params.top_k, top_p=params.top_p)
-    if not bool(edge[token]):
-        return math.inf
     noise = sampler.gumbel_noise(
         seed=params.seed, job_id=noise_job_id, position=position, vocab_size=x.shape[0]
     )
     scores = z + torch.from_numpy(noise.astype(np.float32))
     best = scores.masked_fill(~core, -math.inf).max()
-    return max(0.0, float((best - scores[token]).item()))
+    behind = float((best - scores[token]).item())
+    margin = max(0.0, behind) if bool(edge[token]) else math.inf
+    if not bool((core & is_stop).any()):
+        return margin, -math.inf
+    best_stop = scores.masked_fill(~(core & is_stop), -math.inf).max()
+    if best_stop >= best:
+        return margin, margin
+    return margin, float((best_stop - best).item())
 
 
 def _reference_margins(
     logits: torch.Tensor, completion: Sequence[int], params: SamplingParams
-) -> list[float]:
-    return [
+) -> tuple[list[float], list[float]]:
+    """The margins and the stop margins of ``completion``, one row at a time."""
+    pairs = [
         _reference_margin(logits[position].float().cpu(), token, params, JOB, position)
         for position, token in enumerate(completion)
     ]
+    return [margin for margin, _ in pairs], [stop for _, stop in pairs]
 
 
 def _same(got: Sequence[float], want: Sequence[float]) -> None:
@@ -113,7 +132,16 @@ def _cases(draw: st.DrawFn) -> tuple[torch.Tensor, list[int], SamplingParams]:
         else:
             token = draw(st.integers(0, vocab - 1))
         tokens.append(token)
-    return logits, tokens, params
+    # Stop ids (the sampler ignores them): none, arbitrary ones, ids past the vocabulary, and
+    # often the sampler's own pick at some position, so that other tokens there skip it.
+    stops = draw(st.lists(st.integers(0, vocab + 2), max_size=3))
+    for position in draw(st.lists(st.integers(0, rows - 1), max_size=2)):
+        row = logits[position]
+        if temperature > 0:
+            stops.append(sampler.sample(row, params, job_id=JOB, position=position)[0])
+        else:
+            stops.append(int(torch.argmax(row)))
+    return logits, tokens, dataclasses.replace(params, stop_token_ids=tuple(stops))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -122,8 +150,13 @@ def test_margins_are_those_of_the_row_at_a_time_definition(
     case: tuple[torch.Tensor, list[int], SamplingParams],
 ) -> None:
     logits, tokens, params = case
-    got = scorer.score_rows(logits, tokens, params, noise_job_id=JOB).margins
-    _same(got, _reference_margins(logits, tokens, params))
+    got = scorer.score_rows(logits, tokens, params, noise_job_id=JOB)
+    margins, stop_margins = _reference_margins(logits, tokens, params)
+    _same(got.margins, margins)
+    _same(got.stop_margins, stop_margins)
+    # A positive stop margin is the margin of a token the sampler would have stopped instead of.
+    for margin, stop_margin in zip(got.margins, got.stop_margins, strict=True):
+        assert not stop_margin > 0 or stop_margin == margin
 
 
 @pytest.mark.parametrize(
@@ -138,16 +171,25 @@ def test_a_language_model_sized_row_set_matches(
     generator = torch.Generator().manual_seed(7)
     logits = torch.randn((40, 2048), generator=generator) * 2.5
     logits[:, :30] += 6.0
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=99)
+    # Two stop ids in the peaked head, so the sampler picks them now and then, one in the tail.
+    stops = (3, 17, 2000)
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=99, stop_token_ids=stops
+    )
     tokens = [
         sampler.sample(row, params, job_id=JOB, position=p)[0]
         if p % 3
         else int(torch.randint(0, 2048, (1,), generator=generator))
         for p, row in enumerate(logits)
     ]
-    got = scorer.score_rows(logits, tokens, params, noise_job_id=JOB).margins
-    want = _reference_margins(logits, tokens, params)
+    scores = scorer.score_rows(logits, tokens, params, noise_job_id=JOB)
+    got = scores.margins
+    want, want_stop = _reference_margins(logits, tokens, params)
     _same(got, want)
+    _same(scores.stop_margins, want_stop)
+    honest_stops = [s for p, s in enumerate(scores.stop_margins) if p % 3]
+    # The sampler's own picks never go on past a stop it would have picked.
+    assert all(s <= 0 for s in honest_stops)
     if temperature > 0:
         honest = [m for p, m in enumerate(got) if p % 3]
         assert honest.count(0.0) == len(honest)  # the sampler's own picks agree with it
@@ -158,7 +200,7 @@ def test_chunks_give_the_same_margins(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows scored in chunks (a long completion over a large vocabulary) keep their positions."""
     generator = torch.Generator().manual_seed(3)
     logits = torch.randn((9, 300), generator=generator) * 3
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=5, stop_token_ids=(0, 1, 2))
     tokens = [
         sampler.sample(row, params, job_id=JOB, position=p)[0] for p, row in enumerate(logits)
     ]
@@ -167,7 +209,10 @@ def test_chunks_give_the_same_margins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(scorer, "_CHUNK_ELEMENTS", 2 * 300)
     chunked = scorer.score_rows(logits, tokens, params, noise_job_id=JOB)
     _same(chunked.margins, whole.margins)
-    _same(chunked.margins, _reference_margins(logits, tokens, params))
+    _same(chunked.stop_margins, whole.stop_margins)
+    margins, stop_margins = _reference_margins(logits, tokens, params)
+    _same(chunked.margins, margins)
+    _same(chunked.stop_margins, stop_margins)
     assert chunked.logprobs == whole.logprobs
 
 
@@ -243,5 +288,48 @@ def test_rows_and_tokens_must_match() -> None:
     with pytest.raises(ValueError, match="rows of logits"):
         scorer.score_rows(torch.zeros((2, 4)), [1], SamplingParams(), noise_job_id=JOB)
     assert scorer.score_rows(torch.zeros((0, 4)), [], SamplingParams(), noise_job_id=JOB) == (
-        TokenScores(logprobs=(), margins=())
+        TokenScores(logprobs=(), margins=(), stop_margins=())
     )
+
+
+def test_temperature_zero_stop_margin_is_the_margin_where_a_stop_token_is_the_pick() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.5]] * 3)
+
+    def stop_margins(stops: tuple[int, ...], tokens: list[int]) -> tuple[float, ...]:
+        params = SamplingParams(temperature=0.0, stop_token_ids=stops)
+        return scorer.score_rows(logits, tokens, params, noise_job_id=JOB).stop_margins
+
+    # Token 1 (3.0) is the pick: a miner that went on with token 2 or 0 skipped it.
+    assert stop_margins((1,), [2, 0, 1]) == (0.5, 2.0, 0.0)
+    # Token 2 is a stop token half a logit behind the pick: no stop was skipped.
+    assert stop_margins((2,), [1, 0, 2]) == (-0.5, -0.5, -0.5)
+    # No stop tokens (or only ids outside the vocabulary): nothing to skip.
+    assert stop_margins((), [1, 0, 2]) == (-math.inf,) * 3
+    assert stop_margins((7,), [1, 0, 2]) == (-math.inf,) * 3
+
+
+def test_only_stop_tokens_in_the_core_count() -> None:
+    # top-k 2: token 0 is core; token 1 (3.0) is in the top 2 by a hair less than TOLERANCE
+    # ahead of token 2 (2.9), so both are edge tokens another device may keep or drop.
+    logits = torch.tensor([[5.0, 3.0, 2.9, -10.0]] * 3)
+    params = SamplingParams(temperature=1.0, top_k=2, seed=3, stop_token_ids=(1,))
+    # ... even where the claimed token is that stop token.
+    edge_stop = scorer.score_rows(logits, [2, 1, 3], params, noise_job_id=JOB)
+    assert edge_stop.stop_margins == (-math.inf,) * 3
+    # Token 0, the only core token, is the pick whatever the noise: as a stop token, going on
+    # with an edge token skips it by that token's margin, and with a token outside the set by
+    # an infinite one.
+    core_stop = dataclasses.replace(params, stop_token_ids=(0,))
+    got = scorer.score_rows(logits, [2, 1, 3], core_stop, noise_job_id=JOB)
+    assert got.stop_margins[0] == got.margins[0] > 0
+    assert got.stop_margins[1] == got.margins[1] > 0
+    assert got.margins[2] == got.stop_margins[2] == math.inf
+
+
+def test_a_stop_token_behind_the_pick_gives_how_far_behind_it_is() -> None:
+    logits = torch.tensor([[8.0, 0.0, 0.0]])
+    params = SamplingParams(temperature=1.0, seed=4, stop_token_ids=(2,))
+    got = scorer.score_rows(logits, [0], params, noise_job_id=JOB).stop_margins[0]
+    noise = sampler.gumbel_noise(seed=4, job_id=JOB, position=0, vocab_size=3).astype(np.float32)
+    assert got == float(torch.tensor(noise[2]) - (8.0 + torch.tensor(noise[0])))
+    assert got < 0

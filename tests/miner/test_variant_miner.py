@@ -79,7 +79,7 @@ async def test_only_the_lying_scorer_misreports_scores() -> None:
         sampling=SamplingParams(),
     )
     honest = await FakeEngine().score(request)
-    for variant in ("honest", "substitute:0.5", "random", "truncate"):
+    for variant in ("honest", "substitute:0.5", "random", "truncate", "skip-stop"):
         assert await VariantEngine(FakeEngine(), variant).score(request) == honest
     lying = await VariantEngine(FakeEngine(), "lying-scorer").score(request)
     assert lying.margins == (LYING_MARGIN,) * 5

@@ -260,6 +260,7 @@ class FakeEngine:
         error_after: int = 0,
         score_delay_s: float = 0.0,
         score_error: Exception | None = None,
+        score_stop_margins: bool = True,
     ) -> None:
         self._info = ModelInfo(
             name=name,
@@ -276,6 +277,8 @@ class FakeEngine:
         self._error_after = error_after
         self._score_delay_s = score_delay_s
         self._score_error = score_error
+        # False: an engine that predates stop margins (it reports none).
+        self._score_stop_margins = score_stop_margins
         self.scoring: set[str] = set()
         """Noise job ids of score calls that started and have not returned or been cancelled."""
         self.scores_cancelled: set[str] = set()
@@ -310,7 +313,8 @@ class FakeEngine:
             self._closing.set()
 
     async def score(self, request: ScoreRequest) -> TokenScores:
-        """Margin 0 for each token :func:`fake_tokens` would produce at its position, else 1."""
+        """Margin 0 for each token :func:`fake_tokens` would produce at its position, else 1;
+        where that token is a stop token the stop margin is the margin, elsewhere -1."""
         job_id = request.noise_job_id
         self.scoring.add(job_id)
         try:
@@ -324,12 +328,19 @@ class FakeEngine:
             raise self._score_error
         completion = list(request.completion_token_ids)
         honest = fake_tokens(request.prompt_token_ids, len(completion))
+        margins = tuple(
+            0.0 if token == expected else 1.0
+            for token, expected in zip(completion, honest, strict=True)
+        )
+        stops = frozenset(request.sampling.stop_token_ids)
+        stop_margins = tuple(
+            margin if expected in stops else -1.0
+            for margin, expected in zip(margins, honest, strict=True)
+        )
         return TokenScores(
             logprobs=tuple(fake_logprob(position) for position in range(len(completion))),
-            margins=tuple(
-                0.0 if token == expected else 1.0
-                for token, expected in zip(completion, honest, strict=True)
-            ),
+            margins=margins,
+            stop_margins=stop_margins if self._score_stop_margins else (),
         )
 
     async def wait_closed(self, job_id: str) -> None:

@@ -38,14 +38,16 @@ def make_score_job(
     prompt: Sequence[int] = (1, 2, 3),
     completion: Sequence[int] = (),
     noise_job_id: str = "checked-job",
+    stop: Sequence[int] = (),
 ) -> miner_pb2.ScoreJob:
     """A ScoreJob; ``make_job``'s sampling parameters, as the checked job would have had."""
+    sampling = make_job(noise_job_id, max_tokens=max(1, len(completion)), stop=stop).sampling
     return miner_pb2.ScoreJob(
         score_id=score_id,
         model=model,
         prompt_token_ids=list(prompt),
         completion_token_ids=list(completion),
-        sampling=make_job(noise_job_id, max_tokens=max(1, len(completion))).sampling,
+        sampling=sampling,
         noise_job_id=noise_job_id,
     )
 
@@ -68,6 +70,56 @@ async def test_a_score_job_gets_a_logprob_and_a_margin_per_completion_token() ->
     assert result.error == ""
     assert list(result.logprobs) == [fake_logprob(position) for position in range(6)]
     assert list(result.margins) == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+async def test_a_score_result_carries_the_stop_margins_of_the_engine() -> None:
+    gateway, engine, old = FakeGateway(), FakeEngine(), FakeEngine(score_stop_margins=False)
+    honest = fake_tokens(PROMPT, 6)
+    padded = [*honest[:3], (honest[3] + 1) % 1000, *honest[4:]]  # went on past a stop
+    job = make_score_job("s-stop", prompt=PROMPT, completion=padded, stop=[honest[3]])
+    async with serve(gateway) as port:
+        async with running_miner(port, [engine]):
+            session = await gateway.next_session()
+            session.send_score(job)
+            result = await session.score_result("s-stop")
+        async with running_miner(port, [old]):
+            session = await gateway.next_session()
+            session.send_score(job)
+            old_result = await session.score_result("s-stop")
+    assert result.error == ""
+    assert list(result.stop_margins) == [-1.0, -1.0, -1.0, 1.0, -1.0, -1.0]
+    # An engine that predates stop margins sends none, and the rest as before.
+    assert old_result.error == "" and not old_result.stop_margins
+    assert list(old_result.margins) == list(result.margins)
+
+
+@pytest.mark.parametrize(("tokens", "stop_margins"), [(21_000, True), (22_000, False)])
+async def test_stop_margins_are_left_out_where_they_would_not_fit_in_a_message(
+    tokens: int, stop_margins: bool
+) -> None:
+    """Three floats a token pass the miner's message limit past about 21,800 tokens."""
+    gateway, engine = FakeGateway(), FakeEngine()
+    completion = fake_tokens(PROMPT, tokens)
+    async with serve(gateway) as port, running_miner(port, [engine]):
+        session = await gateway.next_session()
+        session.send_score(make_score_job("s-long", prompt=PROMPT, completion=completion))
+        result = await session.score_result("s-long")
+    assert result.error == ""
+    assert len(result.logprobs) == len(result.margins) == tokens
+    assert len(result.stop_margins) == (tokens if stop_margins else 0)
+
+
+async def test_a_score_too_long_for_one_message_is_answered_with_an_error() -> None:
+    gateway, engine = FakeGateway(), FakeEngine()
+    completion = fake_tokens(PROMPT, 33_000)  # two floats a token: past the limit too
+    async with serve(gateway) as port, running_miner(port, [engine]):
+        session = await gateway.next_session()
+        session.send_score(make_score_job("s-huge", prompt=PROMPT, completion=completion))
+        result = await session.score_result("s-huge")
+        session.send_job(make_job("after", max_tokens=2))
+        outcome = await session.job_outcome("after")
+    assert "too many tokens" in result.error and not result.margins
+    assert outcome.result is not None and len(gateway.sessions) == 1, "the session survived"
 
 
 async def test_an_unknown_model_gets_a_score_result_with_an_error() -> None:
