@@ -74,6 +74,7 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()  # output ends just before the first of these strings (at most 4)
     provider: ProviderPreferences = ProviderPreferences()  # routing preferences
     logprobs: bool = False  # deltas carry their tokens' logprobs (the buyer asked for them)
+    top_logprobs: int = 0  # alternatives per token (0-20), reported by the miner with logprobs
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class TokenLogprob:
     text: str  # the token decoded on its own (U+FFFD where it holds part of a character)
     logprob: float  # the miner's claim: natural log, fp32 logits, temperature 1
     raw: bytes = b""  # the bytes it adds to the text (a part of a character is its real bytes)
+    # The most likely tokens at its position when the buyer asked for top_logprobs, most
+    # likely first (the miner's claims, like logprob).
+    alternatives: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -156,7 +156,9 @@ class RunningCompletion:
                     else:
                         text, count = detokenizer.push(ids), len(ids)
                     tokens = (
-                        self._token_logprobs(ids[:count], chunk.logprobs[:count])
+                        self._token_logprobs(
+                            ids[:count], chunk.logprobs[:count], chunk.top_logprobs[:count]
+                        )
                         if self._logprobs
                         else ()
                     )
@@ -239,17 +241,30 @@ class RunningCompletion:
             raise
 
     def _token_logprobs(
-        self, ids: Sequence[int], logprobs: Sequence[float]
+        self,
+        ids: Sequence[int],
+        logprobs: Sequence[float],
+        tops: Sequence[miner_pb2.TopLogprobs],
     ) -> tuple[TokenLogprob, ...]:
-        tokenizer = self._entry.tokenizer
-        return tuple(
-            TokenLogprob(
-                token_id=token_id,
-                text=tokenizer.decode([token_id]),
-                logprob=logprob,
-                raw=tokenizer.token_bytes(token_id),
+        alternatives: Sequence[tuple[TokenLogprob, ...]] = [
+            tuple(
+                self._token_logprob(token_id, logprob)
+                for token_id, logprob in zip(top.token_ids, top.logprobs, strict=True)
             )
-            for token_id, logprob in zip(ids, logprobs, strict=True)
+            for top in tops
+        ] or [()] * len(ids)
+        return tuple(
+            replace(self._token_logprob(token_id, logprob), alternatives=others)
+            for token_id, logprob, others in zip(ids, logprobs, alternatives, strict=True)
+        )
+
+    def _token_logprob(self, token_id: int, logprob: float) -> TokenLogprob:
+        tokenizer = self._entry.tokenizer
+        return TokenLogprob(
+            token_id=token_id,
+            text=tokenizer.decode([token_id]),
+            logprob=logprob,
+            raw=tokenizer.token_bytes(token_id),
         )
 
     def _verify(self, result: miner_pb2.JobResult) -> VerifiedResult:

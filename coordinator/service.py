@@ -221,6 +221,7 @@ class MarketplaceService:
                 max_tokens=max_tokens,
                 seed=request.seed if request.seed is not None else secrets.randbelow(_MAX_SEED),
                 stop_token_ids=entry.tokenizer.stop_token_ids,
+                top_logprobs=request.top_logprobs,
             ),
         )
         reservation = (

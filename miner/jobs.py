@@ -25,7 +25,7 @@ from miner.engine.base import (
 )
 from miner.identity import Identity
 from proto import miner_pb2
-from proto.limits import MAX_TOKENS_PER_CHUNK
+from proto.limits import MAX_TOKENS_PER_CHUNK, MAX_TOP_LOGPROB_TOKENS_PER_CHUNK
 from proto.signing import output_digest, receipt_message, request_digest
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def sampling_params(sampling: miner_pb2.SamplingParams) -> SamplingParams:
         max_tokens=sampling.max_tokens,
         seed=sampling.seed,
         stop_token_ids=tuple(sampling.stop_token_ids),
+        top_logprobs=sampling.top_logprobs,
     )
 
 
@@ -232,15 +233,12 @@ class JobRunner:
 
     def _emit(self, job_id: str, token: GeneratedToken) -> None:
         open_chunk = self._open_chunks.get(job_id)
-        if open_chunk is not None and len(open_chunk.token_ids) < MAX_TOKENS_PER_CHUNK:
-            open_chunk.token_ids.append(token.token_id)
-            open_chunk.logprobs.append(token.logprob)
+        limit = MAX_TOP_LOGPROB_TOKENS_PER_CHUNK if token.top_logprobs else MAX_TOKENS_PER_CHUNK
+        if open_chunk is not None and len(open_chunk.token_ids) < limit:
+            _append(open_chunk, token)
             return
-        message = miner_pb2.MinerMessage(
-            chunk=miner_pb2.TokenChunk(
-                job_id=job_id, token_ids=[token.token_id], logprobs=[token.logprob]
-            )
-        )
+        message = miner_pb2.MinerMessage(chunk=miner_pb2.TokenChunk(job_id=job_id))
+        _append(message.chunk, token)
         self._open_chunks[job_id] = message.chunk
         self._send(message)
 
@@ -266,6 +264,16 @@ class JobRunner:
             self._send(failure(job_id, reason.value, retryable=True))
         else:
             logger.debug("job %s abandoned: %s", job_id, reason.value if reason else "cancelled")
+
+
+def _append(chunk: miner_pb2.TokenChunk, token: GeneratedToken) -> None:
+    chunk.token_ids.append(token.token_id)
+    chunk.logprobs.append(token.logprob)
+    if token.top_logprobs:
+        chunk.top_logprobs.add(
+            token_ids=[token_id for token_id, _ in token.top_logprobs],
+            logprobs=[logprob for _, logprob in token.top_logprobs],
+        )
 
 
 async def _close(iterator: AsyncIterator[GeneratedToken]) -> None:

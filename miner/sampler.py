@@ -55,6 +55,7 @@ import numpy.typing as npt
 import torch
 
 from miner.engine.base import SamplingParams
+from proto.limits import MAX_TOP_LOGPROBS
 
 NOISE_DOMAIN = b"meshmint/v1/noise\x00"
 _U64_LIMIT = 1 << 64
@@ -102,11 +103,27 @@ def validate(params: SamplingParams) -> None:
         raise ValueError(f"top_k must be >= 0, got {params.top_k}")
     if not 0 <= params.seed < _U64_LIMIT:
         raise ValueError(f"seed must be in [0, 2**64), got {params.seed}")
+    if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(
+            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {params.top_logprobs}"
+        )
 
 
 def logprobs_fp32(logits: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the last dimension in float32, at temperature 1: what receipts carry."""
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def top_logprobs(logprobs: torch.Tensor, count: int) -> tuple[tuple[int, float], ...]:
+    """The ``count`` most likely ``(token id, logprob)`` of a 1-D row of fp32 log-probabilities,
+    most likely first, ties going to the lower id (so any two implementations agree)."""
+    if count <= 0:
+        return ()
+    count = min(count, logprobs.shape[-1])
+    values, ids = torch.topk(logprobs, count)
+    # topk's order among equal values is unspecified: settle ties by id.
+    pairs = sorted(zip(ids.tolist(), values.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
+    return tuple((int(token), float(value)) for token, value in pairs)
 
 
 def truncate(z: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:

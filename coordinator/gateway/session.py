@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from coordinator.speed import MinerSpeed
 from proto import miner_pb2
-from proto.limits import MAX_TOKENS_PER_CHUNK
+from proto.limits import MAX_TOKENS_PER_CHUNK, MAX_TOP_LOGPROB_TOKENS_PER_CHUNK
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class JobChannel:
             assert isinstance(following, miner_pb2.TokenChunk)
             merged.token_ids.extend(following.token_ids)
             merged.logprobs.extend(following.logprobs)
+            merged.top_logprobs.extend(following.top_logprobs)
         return merged
 
 
@@ -252,6 +253,11 @@ class MinerSession:
         vocab_size = self._vocab_sizes[channel.job.model]
         if any(token >= vocab_size for token in chunk.token_ids):
             return f"token id outside the vocabulary of {channel.job.model} ({vocab_size})"
+        problem = _top_logprobs_problem(
+            chunk, asked=channel.job.sampling.top_logprobs, vocab_size=vocab_size
+        )
+        if problem is not None:
+            return problem
         violation = channel.accept_tokens(chunk.token_ids)
         if violation is None:
             now = time.monotonic()
@@ -298,3 +304,28 @@ class MinerSession:
                 future.set_exception(ScorerLost(reason))
         self._scores.clear()
         self.outbox.put_nowait(None)
+
+
+def _top_logprobs_problem(
+    chunk: miner_pb2.TokenChunk, *, asked: int, vocab_size: int
+) -> str | None:
+    """Why the chunk's alternatives break the protocol, or None: one entry per token exactly
+    when the job asked, each of min(asked, vocabulary) distinct ids in the vocabulary."""
+    if not asked:
+        return (
+            "token chunk with top_logprobs its job did not ask for" if chunk.top_logprobs else None
+        )
+    if len(chunk.top_logprobs) != len(chunk.token_ids):
+        return "token chunk without one top_logprobs entry per token"
+    if len(chunk.token_ids) > MAX_TOP_LOGPROB_TOKENS_PER_CHUNK:
+        return (
+            f"token chunk with alternatives for more than {MAX_TOP_LOGPROB_TOKENS_PER_CHUNK} tokens"
+        )
+    width = min(asked, vocab_size)
+    for top in chunk.top_logprobs:
+        ids = top.token_ids
+        if len(ids) != width or len(top.logprobs) != width or len(set(ids)) != width:
+            return f"top_logprobs entry without {width} distinct alternatives"
+        if any(token >= vocab_size for token in ids):
+            return "top_logprobs token id outside the vocabulary"
+    return None

@@ -81,8 +81,9 @@ _SAMPLING: JsonSchema = {
         ],
     },
     "logprobs": {
-        "description": "Chat: true for the chosen tokens' log-probabilities (top_logprobs must be "
-        "0). Completions: 0. The values are the miner's claim.",
+        "description": "Chat: true for the chosen tokens' log-probabilities (top_logprobs, 0-20, "
+        "adds the most likely alternatives). Completions: the number of alternatives, 0-5. The "
+        "values are the miner's claim, checked by spot checks.",
         "type": ["boolean", "integer", "null"],
     },
     "provider": {

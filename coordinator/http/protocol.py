@@ -53,9 +53,6 @@ MAX_STOP_CHARS = 1000
 """Longest stop string accepted: the coordinator holds back up to this much streamed text."""
 
 _MAX_TOP_LOGPROBS = {"chat": 20, "text": 5}  # OpenAI's ranges for top_logprobs / logprobs
-_TOP_LOGPROBS_UNSUPPORTED = (
-    "top_logprobs are not supported: miners report only the chosen token's log-probability"
-)
 
 
 @dataclass(frozen=True)
@@ -102,6 +99,7 @@ def _parse_common(
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("model must be a non-empty string", param="model")
     _reject_unsupported(fields)
+    logprobs, top_logprobs = _parse_logprobs(fields, endpoint)
     request = CompletionRequest(
         model=model,
         messages=messages,
@@ -112,7 +110,8 @@ def _parse_common(
         seed=_parse_seed(fields.get("seed")),
         stop=_parse_stop(fields.get("stop")),
         provider=parse_provider(fields.get("provider")),
-        logprobs=_parse_logprobs(fields, endpoint),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     options = _parse_stream_options(fields)
     return request, replace(options, logprobs=request.logprobs)
@@ -150,28 +149,33 @@ def _parse_stop(value: object) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _parse_logprobs(fields: JsonObject, endpoint: Endpoint) -> bool:
-    """Whether the buyer asked for logprobs; only the chosen token's are available."""
+def _parse_logprobs(fields: JsonObject, endpoint: Endpoint) -> tuple[bool, int]:
+    """Whether the buyer asked for logprobs, and for how many alternatives per token."""
     value = fields.get("logprobs")
     top = fields.get("top_logprobs")
-    if top is not None and (not _is_int(top) or not 0 <= top <= _MAX_TOP_LOGPROBS["chat"]):
-        raise InvalidRequestError(
-            "top_logprobs must be an integer from 0 to 20", param="top_logprobs"
-        )
-    if _is_int(top) and top > 0:
-        raise InvalidRequestError(_TOP_LOGPROBS_UNSUPPORTED, param="top_logprobs")
     if endpoint == "chat":
+        if top is not None and (not _is_int(top) or not 0 <= top <= _MAX_TOP_LOGPROBS["chat"]):
+            raise InvalidRequestError(
+                "top_logprobs must be an integer from 0 to 20", param="top_logprobs"
+            )
         if value is not None and not isinstance(value, bool):
             raise InvalidRequestError("logprobs must be a boolean", param="logprobs")
-        return bool(value)
+        if top and not value:
+            raise InvalidRequestError(
+                "top_logprobs needs logprobs to be true", param="top_logprobs"
+            )
+        return bool(value), int(top or 0)
     # Completions take the number of alternatives per token; false and null mean none at all.
+    if top is not None:
+        raise InvalidRequestError(
+            "top_logprobs is a chat parameter; completions take logprobs as an integer",
+            param="top_logprobs",
+        )
     if value is None or value is False:
-        return False
+        return False, 0
     if not _is_int(value) or not 0 <= value <= _MAX_TOP_LOGPROBS["text"]:
         raise InvalidRequestError("logprobs must be an integer from 0 to 5", param="logprobs")
-    if value > 0:
-        raise InvalidRequestError(_TOP_LOGPROBS_UNSUPPORTED, param="logprobs")
-    return True
+    return True, int(value)
 
 
 def _parse_messages(value: object) -> tuple[ChatMessage, ...]:
@@ -348,7 +352,14 @@ def logprobs_body(
                 "token": token.text,
                 "logprob": value,
                 "bytes": list(token.raw),
-                "top_logprobs": [],
+                "top_logprobs": [
+                    {
+                        "token": other.text,
+                        "logprob": _sane_logprob(other.logprob),
+                        "bytes": list(other.raw),
+                    }
+                    for other in token.alternatives
+                ],
             }
             for token, value in zip(tokens, values, strict=True)
         ]
@@ -360,7 +371,16 @@ def logprobs_body(
     return {
         "tokens": [token.text for token in tokens],
         "token_logprobs": values,
-        "top_logprobs": None,
+        # The legacy shape: one {text: logprob} object per token (alternatives whose texts
+        # coincide share a key, as with OpenAI); null when none were asked for.
+        "top_logprobs": (
+            [
+                {other.text: _sane_logprob(other.logprob) for other in token.alternatives}
+                for token in tokens
+            ]
+            if any(token.alternatives for token in tokens)
+            else None
+        ),
         "text_offset": offsets,
     }
 

@@ -55,6 +55,9 @@ class SamplingParams:
     max_tokens: int = 16  # generated tokens, stop token included
     seed: int = 0  # keys the Gumbel noise with the job id and the position
     stop_token_ids: tuple[int, ...] = ()  # generation ends after emitting one of these
+    # Alternatives reported with each token (0-20, OpenAI's top_logprobs): the most likely
+    # tokens under the same fp32 log-softmax as ``logprob``. They never change the choice.
+    top_logprobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class GeneratedToken:
 
     token_id: int  # the chosen token
     logprob: float  # log-softmax of the fp32 logits at temperature 1, for the chosen token
+    # The request's top_logprobs most likely (token id, logprob) pairs, most likely first.
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

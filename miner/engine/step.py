@@ -197,6 +197,10 @@ class StepRunner:
             job_id=generation.request.job_id,
             position=generation.generated,
         )
-        outcome.tokens[id(generation)] = GeneratedToken(token_id=token, logprob=logprob)
+        count = generation.request.sampling.top_logprobs
+        top = sampler.top_logprobs(sampler.logprobs_fp32(logits), count) if count else ()
+        outcome.tokens[id(generation)] = GeneratedToken(
+            token_id=token, logprob=logprob, top_logprobs=top
+        )
 
     # -- back on the event loop --------------------------------------------------------------

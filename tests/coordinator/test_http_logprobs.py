@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
 
 import openai
 import pytest
@@ -110,18 +112,59 @@ async def test_odd_miner_values_are_clamped_into_json(
     assert reply.choices[0].logprobs.token_logprobs == [-9999.0, 0.0]
 
 
-async def test_top_logprobs_are_refused(client: AsyncOpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as caught:
-        await client.chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": "hi"}],
-            logprobs=True,
-            top_logprobs=2,
+def _with_alternatives() -> list[TextDelta]:
+    """DELTAS whose tokens carry two alternatives each: themselves and "x"."""
+    deltas = []
+    for delta in DELTAS:
+        tokens = tuple(
+            replace(
+                token,
+                alternatives=(token, TokenLogprob(token_id=99, text="x", logprob=-3.0, raw=b"x")),
+            )
+            for token in delta.tokens
         )
-    assert "miners report only the chosen token" in caught.value.message
-    with pytest.raises(openai.BadRequestError) as caught:
-        await client.completions.create(model="tiny", prompt="p", logprobs=1)
-    assert "miners report only the chosen token" in caught.value.message
+        deltas.append(replace(delta, tokens=tokens))
+    return deltas
+
+
+async def test_chat_top_logprobs(client: AsyncOpenAI, service: FakeInferenceService) -> None:
+    service.script = Script(deltas=_with_alternatives())
+    messages: Any = [{"role": "user", "content": "hi"}]
+    reply = await client.chat.completions.create(
+        model="tiny", messages=messages, logprobs=True, top_logprobs=2
+    )
+    assert service.runs[-1].request.top_logprobs == 2
+    assert reply.choices[0].logprobs is not None
+    content = reply.choices[0].logprobs.content or []
+    assert [[alt.token for alt in entry.top_logprobs] for entry in content] == [
+        ["H", "x"],
+        ["é", "x"],
+        ["llo", "x"],
+    ]
+    assert [entry.top_logprobs[0].logprob for entry in content] == EXPECTED
+    assert content[1].top_logprobs[0].bytes == list("é".encode())
+    streamed = [
+        entry
+        async for chunk in await client.chat.completions.create(
+            model="tiny", messages=messages, logprobs=True, top_logprobs=2, stream=True
+        )
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content or []
+    ]
+    assert [entry.model_dump() for entry in streamed] == [e.model_dump() for e in content]
+
+
+async def test_completions_top_logprobs(client: AsyncOpenAI, service: FakeInferenceService) -> None:
+    service.script = Script(deltas=_with_alternatives())
+    reply = await client.completions.create(model="tiny", prompt="p", logprobs=2)
+    assert service.runs[-1].request.top_logprobs == 2
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.top_logprobs == [
+        {"H": -0.25, "x": -3.0},
+        {"é": -1.5, "x": -3.0},
+        {"llo": -9999.0, "x": -3.0},
+    ]
 
 
 async def test_stop_reaches_the_service(client: AsyncOpenAI, service: FakeInferenceService) -> None:

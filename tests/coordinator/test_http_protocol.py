@@ -147,10 +147,20 @@ def test_body_must_be_an_object() -> None:
 def test_unsupported_features_say_so() -> None:
     with pytest.raises(InvalidRequestError, match="not supported yet"):
         parse_chat_request(chat(tools=[{"type": "function"}]))
-    with pytest.raises(InvalidRequestError, match="top_logprobs are not supported: miners"):
-        parse_chat_request(chat(logprobs=True, top_logprobs=3))
-    with pytest.raises(InvalidRequestError, match="top_logprobs are not supported: miners"):
-        parse_completion_request({"model": "tiny", "prompt": "p", "logprobs": 1})
+
+
+def test_top_logprobs_forms() -> None:
+    assert parse_chat_request(chat(logprobs=True, top_logprobs=3))[0].top_logprobs == 3
+    assert parse_chat_request(chat(logprobs=True, top_logprobs=20))[0].top_logprobs == 20
+    assert parse_chat_request(chat(logprobs=True))[0].top_logprobs == 0
+    text = parse_completion_request({"model": "tiny", "prompt": "p", "logprobs": 5})[0]
+    assert (text.logprobs, text.top_logprobs) == (True, 5)
+    with pytest.raises(InvalidRequestError, match="needs logprobs to be true"):
+        parse_chat_request(chat(top_logprobs=2))
+    with pytest.raises(InvalidRequestError, match="from 0 to 5"):
+        parse_completion_request({"model": "tiny", "prompt": "p", "logprobs": 6})
+    with pytest.raises(InvalidRequestError, match="top_logprobs is a chat parameter"):
+        parse_completion_request({"model": "tiny", "prompt": "p", "top_logprobs": 2})
 
 
 @pytest.mark.parametrize(
@@ -192,8 +202,8 @@ def test_completion_prompt_forms() -> None:
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": None}, "prompt"),
         ({"prompt": 5}, "prompt"),
-        ({"logprobs": 2}, "logprobs"),
         ({"logprobs": 6}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True}, "logprobs"),
         ({"logprobs": -1}, "logprobs"),
         ({"echo": True}, "echo"),

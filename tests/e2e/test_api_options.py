@@ -116,3 +116,44 @@ def test_stop_cuts_bills_and_logprobs_come_per_token(
     assert finishes == ["stop"]
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == usage.completion_tokens
+
+
+def test_top_logprobs_come_from_the_miner_streamed_and_not(
+    coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    _, key = create_key(coordinator.database_url, credits_micro=10_000_000)
+    start_miner(coordinator, tmp_path, name="bob", models={"tiny": model_dirs["tiny"]})
+    wait_for_miners(coordinator, key, "tiny", 1)
+    sdk = OpenAI(base_url=coordinator.base_url, api_key=key, max_retries=0, timeout=60)
+    options = {"model": "tiny", "messages": MESSAGES, "max_tokens": 20, "temperature": 0}
+
+    reply = sdk.chat.completions.create(**options, logprobs=True, top_logprobs=5)
+    assert reply.choices[0].logprobs is not None
+    content = reply.choices[0].logprobs.content or []
+    assert len(content) == (reply.usage.completion_tokens if reply.usage else -1)
+    for entry in content:
+        alternatives = entry.top_logprobs
+        assert len(alternatives) == 5
+        values = [alt.logprob for alt in alternatives]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        # Greedy: the chosen token is the most likely one, reported alike in both places.
+        assert (alternatives[0].token, alternatives[0].bytes) == (entry.token, entry.bytes)
+        assert alternatives[0].logprob == pytest.approx(entry.logprob, abs=1e-6)
+        assert len({bytes(alt.bytes or []) for alt in alternatives}) == 5
+
+    stream = sdk.chat.completions.create(**options, logprobs=True, top_logprobs=5, stream=True)
+    streamed = [
+        entry
+        for chunk in stream
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content or []
+    ]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+
+    legacy = sdk.completions.create(
+        model="tiny", prompt="Once upon", max_tokens=8, temperature=0, logprobs=3
+    )
+    assert legacy.choices[0].logprobs is not None
+    tops = legacy.choices[0].logprobs.top_logprobs or []
+    assert len(tops) == len(legacy.choices[0].logprobs.tokens or []) > 0
+    assert all(1 <= len(top) <= 3 for top in tops)  # texts of alternatives may coincide
