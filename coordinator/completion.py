@@ -83,6 +83,8 @@ class RunningCompletion:
         self.delivered_ids: list[int] = []
         self.received_ids: list[int] = []  # every token the miner streamed, delivered or not
         self.received_logprobs: list[float] = []  # the miner's claimed logprob of each of them
+        # Their alternatives as the miner claimed them, when the buyer asked for top_logprobs.
+        self.received_top_logprobs: list[tuple[tuple[int, float], ...]] = []
         self.rate_limits: Mapping[LimitKind, RateLimitState] = {}  # set by the service
         self.stopped = False  # a stop string ended the output
         self.verified: VerifiedResult | None = None
@@ -149,8 +151,7 @@ class RunningCompletion:
             try:
                 async for chunk in chunks:
                     ids = list(chunk.token_ids)
-                    self.received_ids.extend(ids)
-                    self.received_logprobs.extend(chunk.logprobs)
+                    self._receive(chunk)
                     if self._stop:
                         text, count, matched = self._until_stop(ids, detokenizer, matcher)
                     else:
@@ -211,8 +212,7 @@ class RunningCompletion:
         try:
             async with asyncio.timeout(STOP_RESULT_WAIT_S):
                 async for chunk in chunks:
-                    self.received_ids.extend(chunk.token_ids)
-                    self.received_logprobs.extend(chunk.logprobs)
+                    self._receive(chunk)
         except (TimeoutError, UpstreamError) as error:
             logger.info(
                 "job %s: no result after the stop string (%s); billing delivered tokens",
@@ -222,6 +222,13 @@ class RunningCompletion:
             return
         assert self.run.result is not None
         self._check(self.run.result)
+
+    def _receive(self, chunk: miner_pb2.TokenChunk) -> None:
+        self.received_ids.extend(chunk.token_ids)
+        self.received_logprobs.extend(chunk.logprobs)
+        self.received_top_logprobs.extend(
+            tuple(zip(top.token_ids, top.logprobs, strict=True)) for top in chunk.top_logprobs
+        )
 
     def _check_hold(self) -> None:
         """Raises the hold's error once it failed: nothing more goes out unpaid."""

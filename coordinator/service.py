@@ -458,6 +458,7 @@ class MarketplaceService:
                             output_sha256=verified.receipt.output_sha256,
                             miner_credit=settlement.miner_credit,
                             fee=settlement.fee,
+                            top_logprobs=tuple(completion.received_top_logprobs),
                         )
                     )
             if completion is not None:

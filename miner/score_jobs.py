@@ -100,6 +100,7 @@ class ScoreRunner:
             prompt_token_ids=tuple(job.prompt_token_ids),
             completion_token_ids=tuple(job.completion_token_ids),
             sampling=sampling_params(job.sampling),
+            claimed_top_ids=tuple(tuple(top.token_ids) for top in job.claimed_top_logprobs),
         )
         try:
             scores = await engine.score(request)
@@ -113,7 +114,12 @@ class ScoreRunner:
             return
         expected = len(request.completion_token_ids)
         counts = (len(scores.logprobs), len(scores.margins))
-        if counts != (expected, expected) or len(scores.stop_margins) not in (0, expected):
+        claimed_tops = len(request.claimed_top_ids)
+        if (
+            counts != (expected, expected)
+            or len(scores.stop_margins) not in (0, expected)
+            or (len(scores.top_logprobs), len(scores.top_thresholds)) != (claimed_tops,) * 2
+        ):
             # An engine bug; a result the coordinator would reject anyway.
             logger.error("score job %s: the engine scored the wrong number of tokens", score_id)
             self._send(score_error(score_id, "miner error: wrong number of scores"))
@@ -124,8 +130,25 @@ class ScoreRunner:
                 logprobs=scores.logprobs,
                 margins=scores.margins,
                 stop_margins=scores.stop_margins,
+                scored_top_logprobs=[
+                    miner_pb2.TopLogprobs(token_ids=ids, logprobs=values)
+                    for ids, values in zip(
+                        request.claimed_top_ids, scores.top_logprobs, strict=True
+                    )
+                ],
+                top_thresholds=scores.top_thresholds,
             )
         )
+        if message.ByteSize() > MAX_MINER_MESSAGE_BYTES:
+            # Alternatives cost about 100 bytes a token: a long job's do not fit. The
+            # coordinator then leaves them unchecked and judges everything else.
+            logger.warning(
+                "score job %s: %d tokens are too many to report alternatives for",
+                score_id,
+                expected,
+            )
+            message.score_result.ClearField("scored_top_logprobs")
+            message.score_result.ClearField("top_thresholds")
         if message.ByteSize() > MAX_MINER_MESSAGE_BYTES:
             # Stop margins add 4 bytes a token: past about 21,000 tokens the message would break
             # the stream. Without them the coordinator still judges everything else.

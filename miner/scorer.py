@@ -102,18 +102,28 @@ def score_rows(
     params: SamplingParams,
     *,
     noise_job_id: str,
+    claimed_top_ids: Sequence[Sequence[int]] = (),
 ) -> TokenScores:
     """Log-probabilities, margins and stop margins of ``completion`` given its rows of ``logits``.
 
     ``logits`` has one row per completion token (any dtype, any device); the noise for row ``i``
-    is the sampler's for position ``i`` of job ``noise_job_id``.
+    is the sampler's for position ``i`` of job ``noise_job_id``. With ``claimed_top_ids`` (one
+    entry per token: the alternatives the checked miner reported), also the scorer's logprobs of
+    those ids and its k-th largest logprob at each position (:func:`top_logprob_scores`).
     """
+    if claimed_top_ids and len(claimed_top_ids) != len(completion):
+        raise ValueError(
+            f"{len(claimed_top_ids)} top_logprobs entries for {len(completion)} tokens"
+        )
     if logits.shape[0] != len(completion):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(completion)} tokens")
     if not completion:
         return TokenScores(logprobs=(), margins=(), stop_margins=())
     tokens = torch.tensor(list(completion), dtype=torch.long, device=logits.device)
-    logprobs = sampler.logprobs_fp32(logits).gather(1, tokens[:, None])[:, 0]
+    every_logprob = sampler.logprobs_fp32(logits)
+    logprobs = every_logprob.gather(1, tokens[:, None])[:, 0]
+    top_logprobs, top_thresholds = top_logprob_scores(every_logprob, claimed_top_ids)
+    del every_logprob
     sampler.validate(params)
     # Rows go through in chunks so that a long completion over a large vocabulary stays within a
     # few hundred MB of temporaries (sorts, masks and noise are all [rows, vocab]).
@@ -140,7 +150,32 @@ def score_rows(
         logprobs=tuple(logprobs.tolist()),
         margins=tuple(margins),
         stop_margins=tuple(stop_margins),
+        top_logprobs=top_logprobs,
+        top_thresholds=top_thresholds,
     )
+
+
+def top_logprob_scores(
+    logprobs: torch.Tensor, claimed_top_ids: Sequence[Sequence[int]]
+) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]:
+    """For each row of fp32 ``logprobs`` and its claimed alternatives: their logprobs here, and
+    the row's k-th largest logprob (k = how many were claimed; 0 claimed: +inf, nothing to
+    compare). An honest miner's alternatives are the k most likely, so each is at or above the
+    threshold up to rounding; a made-up one is usually far below it."""
+    if not claimed_top_ids:
+        return (), ()
+    vocab = logprobs.shape[-1]
+    scored: list[tuple[float, ...]] = []
+    thresholds: list[float] = []
+    for row, ids in enumerate(claimed_top_ids):
+        wanted = [int(i) for i in ids]
+        if not all(0 <= i < vocab for i in wanted):
+            raise ValueError(f"top_logprobs token ids must be in [0, {vocab})")
+        values = logprobs[row]
+        scored.append(tuple(values[wanted].tolist()) if wanted else ())
+        width = min(len(wanted), vocab)
+        thresholds.append(float(torch.topk(values, width).values[-1]) if width else math.inf)
+    return tuple(scored), tuple(thresholds)
 
 
 def _margins(

@@ -870,6 +870,7 @@ class ScoreJob(_message.Message):
     COMPLETION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     NOISE_JOB_ID_FIELD_NUMBER: _builtins.int
+    CLAIMED_TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     score_id: _builtins.str
     """This score job's own id; the ScoreResult names it."""
     model: _builtins.str
@@ -885,6 +886,12 @@ class ScoreJob(_message.Message):
     def sampling(self) -> Global___SamplingParams:
         """The checked job's sampling parameters (its seed included)."""
 
+    @_builtins.property
+    def claimed_top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprobs]:
+        """When the checked job reported top_logprobs: one per completion token, the alternatives it
+        claimed (their logprobs stay with the coordinator); otherwise empty.
+        """
+
     def __init__(
         self,
         *,
@@ -894,10 +901,11 @@ class ScoreJob(_message.Message):
         completion_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         sampling: Global___SamplingParams | None = ...,
         noise_job_id: _builtins.str = ...,
+        claimed_top_logprobs: _abc.Iterable[Global___TopLogprobs] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_token_ids", b"completion_token_ids", "model", b"model", "noise_job_id", b"noise_job_id", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "score_id", b"score_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimed_top_logprobs", b"claimed_top_logprobs", "completion_token_ids", b"completion_token_ids", "model", b"model", "noise_job_id", b"noise_job_id", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "score_id", b"score_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -912,6 +920,8 @@ class ScoreResult(_message.Message):
     MARGINS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     STOP_MARGINS_FIELD_NUMBER: _builtins.int
+    SCORED_TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_THRESHOLDS_FIELD_NUMBER: _builtins.int
     score_id: _builtins.str
     error: _builtins.str
     """Set when the job could not be scored (unknown model, bad ids); the lists are then empty."""
@@ -934,6 +944,18 @@ class ScoreResult(_message.Message):
         pick's (< 0), -inf when no stop token can be picked (miner/scorer.py).
         """
 
+    @_builtins.property
+    def scored_top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprobs]:
+        """One per entry of the ScoreJob's claimed_top_logprobs (or none): the scorer's logprobs of
+        the claimed alternatives, same ids, same order.
+        """
+
+    @_builtins.property
+    def top_thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """With scored_top_logprobs: the scorer's k-th largest logprob at each position, k being the
+        number of alternatives claimed there (a claimed alternative far below it is not a top one).
+        """
+
     def __init__(
         self,
         *,
@@ -942,10 +964,12 @@ class ScoreResult(_message.Message):
         margins: _abc.Iterable[_builtins.float] | None = ...,
         error: _builtins.str = ...,
         stop_margins: _abc.Iterable[_builtins.float] | None = ...,
+        scored_top_logprobs: _abc.Iterable[Global___TopLogprobs] | None = ...,
+        top_thresholds: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "logprobs", b"logprobs", "margins", b"margins", "score_id", b"score_id", "stop_margins", b"stop_margins"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "logprobs", b"logprobs", "margins", b"margins", "score_id", b"score_id", "scored_top_logprobs", b"scored_top_logprobs", "stop_margins", b"stop_margins", "top_thresholds", b"top_thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -44,6 +44,8 @@ import logging
 import math
 from dataclasses import dataclass
 
+from coordinator.verification.alternatives import alternative_problems
+
 logger = logging.getLogger(__name__)
 
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
@@ -78,6 +80,9 @@ class Thresholds:
     # the demo model); a skipped stop is caught when the sampler preferred stopping by more than
     # this (docs/verification.md gives the measured rates).
     stop_margin_limit: float = 0.5
+    # A claimed top_logprobs alternative whose logprob at the scorer is below the scorer's k-th
+    # largest by more than this is not a top token (coordinator/verification/alternatives.py).
+    top_logprob_tolerance: float = 1.0
     # Pooled per-miner statistics give a verdict once they cover this many tokens.
     pooled_min_tokens: int = 300
     # A pool fails when its mean |claimed - scored| log-prob exceeds this (honest bf16 SmolLM2
@@ -90,6 +95,7 @@ class Thresholds:
         for name in (
             "margin_limit",
             "stop_margin_limit",
+            "top_logprob_tolerance",
             "max_disagreeing_fraction",
             "disagreeing_allowance",
             "max_mean_abs_dlogprob",
@@ -116,6 +122,8 @@ class Claim:
     stop_token_ids: frozenset[int]  # tokens that end generation
     vocab_size: int  # valid token ids are [0, vocab_size)
     context_length: int  # the model's context: prompt plus completion
+    # Claimed alternatives per token, (id, logprob) most likely first; empty when not asked.
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,10 @@ class Scores:
     # > 0: the scorer's pick is a stop token this far ahead of the claimed token; <= 0: no stop
     # skipped there. Empty: the scorer did not send them (it predates them): unknown.
     stop_margins: tuple[float, ...] = ()
+    # The scorer's logprobs of the claimed alternatives (one entry per token, same order) and
+    # its k-th largest logprob per token; empty: not checked.
+    top_logprobs: tuple[tuple[float, ...], ...] = ()
+    top_thresholds: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,25 @@ def judge_job(claim: Claim, scores: Scores, thresholds: Thresholds) -> Verdict:
             f" (margin {scores.margins[-1]:.3g} > {limit:g})"
         )
     reasons.extend(_skipped_stops(claim, stop_margins, thresholds.stop_margin_limit))
+    if claim.top_logprobs and len(claim.top_logprobs) != n:
+        reasons.append(f"{len(claim.top_logprobs)} top_logprobs entries for {n} tokens")
+    elif scores.top_logprobs and (
+        [len(values) for values in scores.top_logprobs] != [len(t) for t in claim.top_logprobs]
+        or len(scores.top_thresholds) != n
+    ):
+        # The scorer's fault, not the miner's (scoring.py drops such answers before this).
+        logger.warning("the scorer's top_logprobs do not fit the claimed ones; not judged")
+    else:
+        reasons.extend(
+            alternative_problems(
+                claim.top_logprobs,
+                scores.top_logprobs,
+                scores.top_thresholds,
+                tolerance=thresholds.top_logprob_tolerance,
+                max_mean_abs_dlogprob=thresholds.max_mean_abs_dlogprob,
+                dlogprob_allowance=thresholds.dlogprob_allowance,
+            )
+        )
     sum_abs = sum(
         _abs_dlogprob(claimed, scored)
         for claimed, scored in zip(claim.logprobs, scores.logprobs, strict=False)

@@ -46,6 +46,9 @@ class FinishedJob:
     output_sha256: bytes  # from the receipt: keys the selection
     miner_credit: int  # what the settlement paid the miner
     fee: int  # what it paid the operator
+    # The alternatives the miner claimed per token, (id, logprob) most likely first, when the
+    # buyer asked for top_logprobs; empty otherwise.
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 
 
 def claim_of(finished: FinishedJob, *, vocab_size: int, context_length: int) -> Claim:
@@ -59,6 +62,7 @@ def claim_of(finished: FinishedJob, *, vocab_size: int, context_length: int) -> 
         stop_token_ids=frozenset(job.sampling.stop_token_ids),
         vocab_size=vocab_size,
         context_length=context_length,
+        top_logprobs=finished.top_logprobs,
     )
 
 
@@ -138,6 +142,10 @@ class Scoring:
             completion_token_ids=finished.token_ids,
             sampling=job.sampling,
             noise_job_id=job.job_id,
+            claimed_top_logprobs=[
+                miner_pb2.TopLogprobs(token_ids=[token for token, _ in top])
+                for top in finished.top_logprobs
+            ],
         )
         future = session.start_score(score)
         try:
@@ -163,8 +171,23 @@ class Scoring:
                 f" {len(result.stop_margins)} stop margins for {expected} tokens",
             )
             return None
+        # Alternatives come back one entry per claimed one, or not at all (a long job's do not
+        # fit in one message; they are then left unchecked).
+        tops = [tuple(top.logprobs) for top in result.scored_top_logprobs]
+        claimed = [len(top) for top in finished.top_logprobs]
+        if tops and (
+            [len(top) for top in tops] != claimed or len(result.top_thresholds) != len(claimed)
+        ):
+            logger.warning(
+                "scorer %s sent alternatives that do not fit job %s's claim; ignoring them",
+                session.miner_id[:12],
+                job.job_id,
+            )
+            tops = []
         return Scores(
             logprobs=tuple(result.logprobs),
             margins=tuple(result.margins),
             stop_margins=tuple(result.stop_margins),
+            top_logprobs=tuple(tops),
+            top_thresholds=tuple(result.top_thresholds) if tops else (),
         )

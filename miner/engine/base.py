@@ -87,6 +87,9 @@ class ScoreRequest:
     prompt_token_ids: Sequence[int]  # the checked job's prompt
     completion_token_ids: Sequence[int]  # the tokens the checked miner claims it sampled
     sampling: SamplingParams  # the checked job's sampling parameters
+    # When the checked job reported top_logprobs: one tuple per completion token, the
+    # alternatives it claimed there; empty otherwise.
+    claimed_top_ids: Sequence[Sequence[int]] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class TokenScores:
     # stop token's score minus the pick's (< 0; -inf: none can be picked). Empty: not computed
     # (an engine that predates it); the coordinator then treats skipped stops as unknown.
     stop_margins: tuple[float, ...] = ()
+    # One per claimed_top_ids entry (or none): the scorer's logprobs of the claimed
+    # alternatives, same order ...
+    top_logprobs: tuple[tuple[float, ...], ...] = ()
+    # ... and its k-th largest logprob at the position, k the number claimed there.
+    top_thresholds: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

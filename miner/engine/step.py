@@ -167,6 +167,7 @@ class StepRunner:
                     work.completion,
                     work.request.sampling,
                     noise_job_id=work.request.noise_job_id,
+                    claimed_top_ids=work.request.claimed_top_ids,
                 )
             except ValueError as exc:
                 outcome.failures[id(work)] = str(exc)

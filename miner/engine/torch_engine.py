@@ -190,6 +190,13 @@ class TorchEngine:
                 f"the context length is {context_length}"
             )
         self._check_sampling(request.sampling)
+        claimed_tops = request.claimed_top_ids
+        if claimed_tops and len(claimed_tops) != len(completion):
+            raise GenerationError(
+                f"{len(claimed_tops)} top_logprobs entries for {len(completion)} tokens"
+            )
+        for ids in claimed_tops:
+            self._checked_ids(ids, "top_logprobs")
         if not completion:
             return TokenScores(logprobs=(), margins=())
         logger.debug(

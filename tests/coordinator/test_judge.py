@@ -404,3 +404,63 @@ def test_the_judge_imports_no_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _with_alternatives(n: int = 10) -> tuple[Claim, Scores]:
+    """An honest claim whose tokens each report 3 alternatives, and a scorer that agrees."""
+    tops = tuple(((i % 50, -0.5), (60, -1.5), (61, -2.0)) for i in range(n))
+    claim = make_claim(n, top_logprobs=tops)
+    scores = dataclasses.replace(
+        agreeing(claim),
+        top_logprobs=tuple((-0.5, -1.5, -2.0) for _ in range(n)),
+        top_thresholds=(-2.0,) * n,
+    )
+    return claim, scores
+
+
+def test_honest_alternatives_pass_even_a_little_off() -> None:
+    claim, scores = _with_alternatives()
+    assert judge_job(claim, scores, RULES).passed
+    nudged = dataclasses.replace(
+        scores,
+        top_logprobs=tuple(tuple(v - 0.01 for v in row) for row in scores.top_logprobs),
+        top_thresholds=tuple(t - 0.3 for t in scores.top_thresholds),
+    )
+    assert judge_job(claim, nudged, RULES).passed
+
+
+def test_a_made_up_alternative_is_not_a_top_token() -> None:
+    claim, scores = _with_alternatives()
+    # Position 4's third alternative is in truth far less likely than the scorer's third best.
+    rows = list(scores.top_logprobs)
+    rows[4] = (-0.5, -1.5, -9.0)
+    faked = dataclasses.replace(scores, top_logprobs=tuple(rows))
+    verdict = judge_job(claim, faked, RULES)
+    assert not verdict.passed
+    assert any(
+        "claimed alternative 61 at position 4 is not a top token" in r for r in verdict.reasons
+    )
+
+
+def test_alternatives_off_on_average_fail() -> None:
+    claim, scores = _with_alternatives()
+    # Still the top tokens, but every claimed value 0.3 too high (inflated alternatives).
+    off = dataclasses.replace(
+        scores,
+        top_logprobs=tuple(tuple(v - 0.3 for v in row) for row in scores.top_logprobs),
+        top_thresholds=tuple(t - 0.3 for t in scores.top_thresholds),
+    )
+    verdict = judge_job(claim, off, RULES)
+    assert not verdict.passed
+    assert any("top_logprobs are off by 0.3000 per alternative" in r for r in verdict.reasons)
+
+
+def test_unchecked_or_misshapen_scorer_alternatives_do_not_blame_the_miner() -> None:
+    claim, scores = _with_alternatives()
+    unchecked = dataclasses.replace(scores, top_logprobs=(), top_thresholds=())
+    assert judge_job(claim, unchecked, RULES).passed
+    short = dataclasses.replace(scores, top_logprobs=scores.top_logprobs[:-1])
+    assert judge_job(claim, short, RULES).passed
+    # A claim without one entry per token is the miner's own structure problem.
+    broken = dataclasses.replace(claim, top_logprobs=claim.top_logprobs[:-1])
+    assert not judge_job(broken, scores, RULES).passed

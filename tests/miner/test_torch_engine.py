@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import threading
 from collections.abc import AsyncIterator
@@ -468,3 +469,35 @@ async def test_unknown_dtype_raises_model_load_error(model_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="dtype"):
         async with TorchEngine.load("tiny", model_dir, dtype="int3"):
             pytest.fail("the engine loaded")
+
+
+async def test_scoring_checks_claimed_alternatives(engine: TorchEngine) -> None:
+    prompt = list(PROMPTS[1])
+    job = request(prompt, "alts", temperature=1.0, seed=4, max_tokens=10, top_logprobs=4)
+    generated = [token async for token in engine.generate(job)]
+    claimed = [[token_id for token_id, _ in token.top_logprobs] for token in generated]
+    honest = ScoreRequest(
+        noise_job_id="alts",
+        prompt_token_ids=prompt,
+        completion_token_ids=[token.token_id for token in generated],
+        sampling=job.sampling,
+        claimed_top_ids=claimed,
+    )
+    scores = await engine.score(honest)
+    for token, scored, threshold in zip(
+        generated, scores.top_logprobs, scores.top_thresholds, strict=True
+    ):
+        values = [value for _, value in token.top_logprobs]
+        assert scored == pytest.approx(values, abs=1e-4)
+        assert threshold == pytest.approx(values[-1], abs=1e-4)
+    # An alternative that is not among the four most likely scores well below the threshold.
+    fake = [[*ids[:-1], next(t for t in range(260) if t not in ids)] for ids in claimed]
+    faked = await engine.score(dataclasses.replace(honest, claimed_top_ids=fake))
+    assert any(
+        values[-1] < threshold - 0.1
+        for values, threshold in zip(faked.top_logprobs, faked.top_thresholds, strict=True)
+    )
+    with pytest.raises(GenerationError, match="top_logprobs"):
+        await engine.score(dataclasses.replace(honest, claimed_top_ids=claimed[:-1]))
+    with pytest.raises(GenerationError, match="top_logprobs token ids"):
+        await engine.score(dataclasses.replace(honest, claimed_top_ids=[[300]] * len(claimed)))
