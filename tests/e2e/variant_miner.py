@@ -24,6 +24,9 @@ VARIANT is one of:
   log-probability, and generation goes on from it (:func:`skip_first_stop`). The output is
   padded past its end to bill more tokens, with every token the sampler's best but one. It runs
   its own fp32 copy of the model on the CPU, one full forward pass a token, not the engine.
+- ``fake-top``: the real tokens and logprobs, but wherever the job asked for top_logprobs the
+  last alternative is replaced by the least likely token of the vocabulary not already named,
+  reported with the real last alternative's logprob (made-up alternatives that look plausible).
 - ``lying-scorer``: generates honestly, but as a spot-check scorer reports every margin as 5.0
   and every log-probability shifted by -1.0, framing whoever it checks.
 
@@ -97,6 +100,17 @@ def skip_first_stop(
         ids.append(token)
 
 
+def _faked_alternatives(token: GeneratedToken, *, vocab_size: int) -> GeneratedToken:
+    """``token`` with its last alternative swapped for an unnamed id, keeping its logprob."""
+    if not token.top_logprobs:
+        return token
+    named = {token_id for token_id, _ in token.top_logprobs}
+    stranger = next(t for t in range(vocab_size - 1, -1, -1) if t not in named)
+    last_logprob = token.top_logprobs[-1][1]
+    top = (*token.top_logprobs[:-1], (stranger, last_logprob))
+    return dataclasses.replace(token, top_logprobs=top)
+
+
 def load_reference_model(source: Path) -> Any:
     """An fp32 CPU copy of the Hugging Face model in ``source``, for ``skip-stop``."""
     from transformers import AutoModelForCausalLM
@@ -146,6 +160,10 @@ class VariantEngine:
             # Streamed as they come, so its time to first token is like an engine's.
             while (streamed := await asyncio.to_thread(following)) is not None:
                 yield streamed
+            return
+        if self._variant == "fake-top":
+            async for token in self._inner.generate(request):
+                yield _faked_alternatives(token, vocab_size=self.info.vocab_size)
             return
         if self._variant.startswith("substitute:"):
             fraction = float(self._variant.split(":", 1)[1])
