@@ -391,7 +391,7 @@ INVALID: dict[str, tuple[str, dict[str, Any]]] = {
     "top_p": ("top_p", {"top_p": 0}),
     "n": ("n", {"n": 2}),
     "top_logprobs_out_of_range": ("top_logprobs", {"logprobs": True, "top_logprobs": 21}),
-    "top_logprobs_unsupported": ("top_logprobs", {"logprobs": True, "top_logprobs": 3}),
+    "top_logprobs_without_logprobs": ("top_logprobs", {"top_logprobs": 3}),
     "max_tokens": ("max_tokens", {"max_tokens": 0}),
     "stop": ("stop", {"stop": ["a", "b", "c", "d", "e"]}),
 }
