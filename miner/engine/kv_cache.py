@@ -42,7 +42,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         # Popped from the end: recently freed blocks are reused first (warm in the caches).
-        self._free = list(range(num_blocks, 0, -1))
+        self._free = list(range(num_blocks + NULL_BLOCK, NULL_BLOCK, -1))
 
     @property
     def free_blocks(self) -> int:

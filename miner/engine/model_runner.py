@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from miner.engine.kv_cache import BlockPool, PagedKVCache
+from miner.engine.kv_cache import NULL_BLOCK, BlockPool, PagedKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ModelRunner:
         read = torch.zeros((len(rows), length), dtype=torch.long)
         for index, row in enumerate(rows):
             # Beyond its own positions a row reads the null block's slots (zeros, masked).
-            read[index] = keys % self._cache.block_size
+            read[index] = NULL_BLOCK * self._cache.block_size + keys % self._cache.block_size
             read[index, : row.start + 1] = self._cache.slots(row.blocks, keys[: row.start + 1])
         write = read.gather(1, starts[:, None])[:, 0]
         visible = keys[None, None, :] <= starts[:, None, None]  # [rows, 1 query, length]
