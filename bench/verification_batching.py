@@ -25,18 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.common import model_source
+from bench.verification_smollm2 import QUESTIONS
 from coordinator.verification.judge import Thresholds
 
-QUESTIONS = (
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Give me three tips for learning Python.",
-    "Why is the sky blue?",
-    "Describe a cat to someone who has never seen one.",
-    "How do airplanes stay in the air?",
-    "Name three colours of the rainbow.",
-    "What is 12 plus 30?",
-)
 # Greedy, mild and hot sampling, with and without truncation.
 SAMPLINGS: tuple[dict[str, float | int], ...] = (
     {"temperature": 0.0},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from miner.engine.base import DEFAULT_MAX_BATCH_TOKENS
+from miner.engine.base import DEFAULT_MAX_BATCH_TOKENS, BatchingConfig
 from proto.gguf import is_gguf_path
 
 DEFAULT_KEY_PATH = Path("~/.meshmint/miner/identity.key")
@@ -70,10 +70,12 @@ class MinerConfig:
         parse_coordinator(self.coordinator)
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
-        if self.max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be at least 1, got {self.max_batch_tokens}")
-        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
-            raise ValueError(f"kv_cache_tokens must be at least 1, got {self.kv_cache_tokens}")
+        # The engine's own rules for these (one place for them).
+        BatchingConfig(
+            max_batch_size=self.max_concurrency,
+            max_batch_tokens=self.max_batch_tokens,
+            kv_cache_tokens=self.kv_cache_tokens,
+        )
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not 0 < self.backoff_min_s <= self.backoff_max_s:

@@ -174,8 +174,19 @@ def sample(
 
     ``logits`` is the 1-D row for that position, in any dtype and on any device.
     """
+    token, logprob, _ = sample_with_alternatives(
+        logits, params, job_id=job_id, position=position, alternatives=0
+    )
+    return token, logprob
+
+
+def sample_with_alternatives(
+    logits: torch.Tensor, params: SamplingParams, *, job_id: str, position: int, alternatives: int
+) -> tuple[int, float, tuple[tuple[int, float], ...]]:
+    """:func:`sample`, plus the ``alternatives`` most likely tokens (:func:`top_logprobs`) from
+    the same log-softmax."""
     scores = sampling_scores(logits, params, job_id=job_id, position=position)
     # torch.argmax returns the first maximal index on every backend: ties go to the lowest id.
     token = int(torch.argmax(scores).item())
-    logprob = float(logprobs_fp32(logits)[token].item())
-    return token, logprob
+    logprobs = logprobs_fp32(logits)
+    return token, float(logprobs[token].item()), top_logprobs(logprobs, alternatives)

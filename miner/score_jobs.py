@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import Literal
 
 from miner.engine.base import Engine, GenerationError, ScoreRequest
 from miner.jobs import Send, StopReason, sampling_params
@@ -29,6 +30,14 @@ logger = logging.getLogger(__name__)
 
 MAX_SCORES_IN_FLIGHT = 16
 """Score jobs running at once on one connection; more are refused with an error."""
+
+
+_OptionalField = Literal["scored_top_logprobs", "top_thresholds", "stop_margins"]
+# What a too-large ScoreResult leaves out, in this order.
+_OPTIONAL_FIELDS: tuple[tuple[str, tuple[_OptionalField, ...]], ...] = (
+    ("alternatives", ("scored_top_logprobs", "top_thresholds")),
+    ("stop margins", ("stop_margins",)),
+)
 
 
 def score_error(score_id: str, message: str) -> miner_pb2.MinerMessage:
@@ -139,25 +148,19 @@ class ScoreRunner:
                 top_thresholds=scores.top_thresholds,
             )
         )
-        if message.ByteSize() > MAX_MINER_MESSAGE_BYTES:
-            # Alternatives cost about 100 bytes a token: a long job's do not fit. The
-            # coordinator then leaves them unchecked and judges everything else.
-            logger.warning(
-                "score job %s: %d tokens are too many to report alternatives for",
-                score_id,
-                expected,
-            )
-            message.score_result.ClearField("scored_top_logprobs")
-            message.score_result.ClearField("top_thresholds")
-        if message.ByteSize() > MAX_MINER_MESSAGE_BYTES:
-            # Stop margins add 4 bytes a token: past about 21,000 tokens the message would break
-            # the stream. Without them the coordinator still judges everything else.
-            logger.warning(
-                "score job %s: %d tokens are too many to report stop margins for",
-                score_id,
-                expected,
-            )
-            message.score_result.ClearField("stop_margins")
+        # A long job's optional figures may not fit one message: they go, largest first (the
+        # alternatives about 100 bytes a token, stop margins 4), and the coordinator judges
+        # everything else without them.
+        for what, fields in _OPTIONAL_FIELDS:
+            if message.ByteSize() > MAX_MINER_MESSAGE_BYTES:
+                logger.warning(
+                    "score job %s: %d tokens are too many to report %s for",
+                    score_id,
+                    expected,
+                    what,
+                )
+                for name in fields:
+                    message.score_result.ClearField(name)
         if message.ByteSize() > MAX_MINER_MESSAGE_BYTES:
             logger.error("score job %s: %d tokens are too many to report", score_id, expected)
             self._send(score_error(score_id, "too many tokens to report in one message"))

@@ -23,7 +23,9 @@ and stop margins under the reference sampler, from one teacher-forced pass). A j
   scores, mostly below ``margin_limit``. Scores without stop margins (a scorer that predates
   them) leave this rule out;
 - its claimed log-probabilities are **off** on average: ``sum |claimed - scored|`` above
-  ``dlogprob_allowance + max_mean_abs_dlogprob * n``.
+  ``dlogprob_allowance + max_mean_abs_dlogprob * n``;
+- its claimed top_logprobs **alternatives** are not top tokens or are off on average
+  (:func:`_alternative_problems`).
 
 Subtle cheats (quantized or perturbed weights, rare substitutions) pass most single jobs, so
 :class:`PooledStats` adds up a miner's checked jobs (per scorer) and judges the totals once they
@@ -42,9 +44,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from coordinator.verification.alternatives import alternative_problems
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Thresholds:
     # this (docs/verification.md gives the measured rates).
     stop_margin_limit: float = 0.5
     # A claimed top_logprobs alternative whose logprob at the scorer is below the scorer's k-th
-    # largest by more than this is not a top token (coordinator/verification/alternatives.py).
+    # largest by more than this is not a top token (_alternative_problems below).
     top_logprob_tolerance: float = 1.0
     # Pooled per-miner statistics give a verdict once they cover this many tokens.
     pooled_min_tokens: int = 300
@@ -254,7 +255,7 @@ def judge_job(claim: Claim, scores: Scores, thresholds: Thresholds) -> Verdict:
         logger.warning("the scorer's top_logprobs do not fit the claimed ones; not judged")
     else:
         reasons.extend(
-            alternative_problems(
+            _alternative_problems(
                 claim.top_logprobs,
                 scores.top_logprobs,
                 scores.top_thresholds,
@@ -357,3 +358,46 @@ class PooledStats:
             disagreeing=self.disagreeing,
             sum_abs=self.sum_abs_dlogprob,
         )
+
+
+def _alternative_problems(
+    claimed: Sequence[Sequence[tuple[int, float]]],
+    scored: Sequence[Sequence[float]],
+    thresholds: Sequence[float],
+    *,
+    tolerance: float,
+    max_mean_abs_dlogprob: float,
+    dlogprob_allowance: float,
+) -> list[str]:
+    """Why the claimed top_logprobs alternatives fail, or nothing. The scorer returned its own
+    logprobs of the ids the miner named (``miner.scorer.top_logprob_scores``) and its k-th
+    largest logprob per position; an alternative more than ``tolerance`` below that is not a
+    top token (honest rounding moves logprobs by hundredths, a made-up alternative is usually
+    nats below), and their ``|claimed - scored|`` sum has the chosen tokens' allowance. Both
+    sides have one entry per token (the caller checked); empty ``scored``: not checked."""
+    if not claimed or not scored:
+        return []
+    problems: list[str] = []
+    total, count = 0.0, 0
+    outsider: tuple[int, int, float, float] | None = None
+    for position, (pairs, values, threshold) in enumerate(
+        zip(claimed, scored, thresholds, strict=True)
+    ):
+        for (token, claimed_logprob), scored_logprob in zip(pairs, values, strict=True):
+            total += _abs_dlogprob(claimed_logprob, scored_logprob)
+            count += 1
+            if outsider is None and not scored_logprob >= threshold - tolerance:
+                outsider = (position, token, scored_logprob, threshold)
+    if outsider is not None:
+        position, token, value, threshold = outsider
+        problems.append(
+            f"claimed alternative {token} at position {position} is not a top token"
+            f" (logprob {value:.3g} at the scorer, its k-th largest {threshold:.3g})"
+        )
+    allowed = dlogprob_allowance + max_mean_abs_dlogprob * count
+    if count and total > allowed:
+        problems.append(
+            f"claimed top_logprobs are off by {total / count:.4f} per alternative on average;"
+            f" at most {allowed / count:.4f} allowed"
+        )
+    return problems

@@ -195,10 +195,9 @@ class Scheduler:
         decode = self._decode_rows()
         budget = max(1, self._max_batch_tokens - len(decode))
         chunks: list[Chunk] = []
-        in_decode = {id(generation) for generation, _ in decode}
         for generation in self._running:
-            prefilling = len(generation.tokens) - generation.computed > 1
-            if prefilling and id(generation) not in in_decode and budget > 0:
+            # More than one token to feed: still prefilling (decode rows feed exactly one).
+            if len(generation.tokens) - generation.computed > 1 and budget > 0:
                 budget -= self._add_chunk(chunks, generation, budget)
         for scoring in self._scoring:
             if budget > 0:
@@ -244,7 +243,8 @@ class Scheduler:
             if not self._grow(generation):
                 continue  # it preempted itself
             rows.append((generation, self._decode_row(generation)))
-        return [(g, row) for g, row in rows if g in self._running]
+        # Only generations newer than the one growing are preempted, so no row taken is gone.
+        return rows
 
     def _decode_row(self, generation: Generation) -> Row:
         return Row(
@@ -308,7 +308,7 @@ class Scheduler:
         )
         return end - work.computed
 
-    # -- on the model thread -----------------------------------------------------------------
+    # -- back on the event loop --------------------------------------------------------------
 
     def _apply(self, plan: StepPlan, outcome: StepOutcome) -> None:
         fed: list[tuple[Generation | Scoring, int]] = [

@@ -192,16 +192,13 @@ class StepRunner:
             outcome.failures[id(generation)] = "the model's logits are not finite"
             outcome.poisoned_blocks.extend(blocks)
             return
-        token, logprob = sampler.sample(
+        token, logprob, top = sampler.sample_with_alternatives(
             logits,
             generation.request.sampling,
             job_id=generation.request.job_id,
             position=generation.generated,
+            alternatives=generation.request.sampling.top_logprobs,
         )
-        count = generation.request.sampling.top_logprobs
-        top = sampler.top_logprobs(sampler.logprobs_fp32(logits), count) if count else ()
         outcome.tokens[id(generation)] = GeneratedToken(
             token_id=token, logprob=logprob, top_logprobs=top
         )
-
-    # -- back on the event loop --------------------------------------------------------------

@@ -115,14 +115,11 @@ class TorchEngine:
         :func:`default_device`, ``dtype`` to :func:`default_dtype`. Raises
         :class:`ModelLoadError` when the source cannot be served.
         """
-        try:
-            batching = BatchingConfig(
-                max_batch_size=max_concurrency,
-                max_batch_tokens=max_batch_tokens,
-                kv_cache_tokens=kv_cache_tokens,
-            )
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("max_batch_size", "max_concurrency")) from exc
+        batching = BatchingConfig(
+            max_batch_size=max_concurrency,
+            max_batch_tokens=max_batch_tokens,
+            kv_cache_tokens=kv_cache_tokens,
+        )
         model, info = await asyncio.to_thread(
             _load_model, name, Path(source), device=device, dtype=dtype, cache_dir=cache_dir
         )

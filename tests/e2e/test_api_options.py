@@ -29,6 +29,17 @@ def expected_cost(prompt_tokens: int, completion_tokens: int) -> int:
     return prompt_tokens * INPUT_PRICE + completion_tokens * OUTPUT_PRICE
 
 
+def buyer_with_a_miner(
+    coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path, *, miner: str
+) -> tuple[str, OpenAI]:
+    """A funded buyer key (its id and an SDK client) once a miner of 'tiny' named ``miner``
+    serves."""
+    key_id, key = create_key(coordinator.database_url, credits_micro=10_000_000)
+    start_miner(coordinator, tmp_path, name=miner, models={"tiny": model_dirs["tiny"]})
+    wait_for_miners(coordinator, key, "tiny", 1)
+    return key_id, OpenAI(base_url=coordinator.base_url, api_key=key, max_retries=0, timeout=60)
+
+
 def middle_stop(text: str) -> str:
     """A short piece from the middle of ``text`` that contains no replacement character."""
     for length in (3, 2, 1):
@@ -42,10 +53,7 @@ def middle_stop(text: str) -> str:
 def test_stop_cuts_bills_and_logprobs_come_per_token(
     coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    key_id, key = create_key(coordinator.database_url, credits_micro=10_000_000)
-    start_miner(coordinator, tmp_path, name="alice", models={"tiny": model_dirs["tiny"]})
-    wait_for_miners(coordinator, key, "tiny", 1)
-    sdk = OpenAI(base_url=coordinator.base_url, api_key=key, max_retries=0, timeout=60)
+    key_id, sdk = buyer_with_a_miner(coordinator, model_dirs, tmp_path, miner="alice")
 
     full = sdk.chat.completions.create(
         model="tiny",
@@ -121,10 +129,7 @@ def test_stop_cuts_bills_and_logprobs_come_per_token(
 def test_top_logprobs_come_from_the_miner_streamed_and_not(
     coordinator: Coordinator, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    _, key = create_key(coordinator.database_url, credits_micro=10_000_000)
-    start_miner(coordinator, tmp_path, name="bob", models={"tiny": model_dirs["tiny"]})
-    wait_for_miners(coordinator, key, "tiny", 1)
-    sdk = OpenAI(base_url=coordinator.base_url, api_key=key, max_retries=0, timeout=60)
+    _, sdk = buyer_with_a_miner(coordinator, model_dirs, tmp_path, miner="bob")
     options = {"model": "tiny", "messages": MESSAGES, "max_tokens": 20, "temperature": 0}
 
     reply = sdk.chat.completions.create(**options, logprobs=True, top_logprobs=5)

@@ -18,6 +18,7 @@ import torch
 from miner import sampler
 from miner.engine.base import (
     Engine,
+    GeneratedToken,
     GenerationError,
     GenerationRequest,
     ModelLoadError,
@@ -134,15 +135,23 @@ async def test_greedy_matches_hugging_face_generate(
         assert ours == theirs[0, len(prompt) :].tolist()
 
 
+async def generated_and_teacher_forced(
+    engine: TorchEngine, reference_model: Any, job: GenerationRequest
+) -> tuple[list[GeneratedToken], torch.Tensor]:
+    """The engine's tokens for ``job`` and the reference model's logits over prompt + them."""
+    generated = [token async for token in engine.generate(job)]
+    completion = [token.token_id for token in generated]
+    ids = torch.tensor([list(job.prompt_token_ids) + completion])
+    with torch.inference_mode():
+        return generated, reference_model(ids).logits[0]
+
+
 async def test_tokens_and_logprobs_match_a_teacher_forced_pass(
     engine: TorchEngine, reference_model: Any
 ) -> None:
     prompt = list(PROMPTS[1])
     job = request(prompt, temperature=1.0, top_k=40, seed=3, max_tokens=20)
-    generated = [token async for token in engine.generate(job)]
-    completion = [token.token_id for token in generated]
-    with torch.inference_mode():
-        logits = reference_model(torch.tensor([prompt + completion])).logits[0]
+    generated, logits = await generated_and_teacher_forced(engine, reference_model, job)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     for offset, token in enumerate(generated):
         row = len(prompt) - 1 + offset
@@ -157,10 +166,8 @@ async def test_top_logprobs_are_the_most_likely_tokens_of_a_teacher_forced_pass(
 ) -> None:
     prompt = list(PROMPTS[0])
     job = request(prompt, temperature=1.0, seed=8, max_tokens=12, top_logprobs=5)
-    generated = [token async for token in engine.generate(job)]
+    generated, logits = await generated_and_teacher_forced(engine, reference_model, job)
     completion = [token.token_id for token in generated]
-    with torch.inference_mode():
-        logits = reference_model(torch.tensor([prompt + completion])).logits[0]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     for offset, token in enumerate(generated):
         row = logprobs[len(prompt) - 1 + offset]
