@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -22,6 +22,7 @@ from miner.config import (
     DEFAULT_KEY_PATH,
     DEVICES,
     DTYPES,
+    ENGINES,
     MinerConfig,
     default_cache_dir,
     default_witness_dir,
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="token positions in the KV cache, allocated at start (default: room for "
         "max-concurrency jobs of up to 2048 tokens, at least one full context)",
+    )
+    run.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=MinerConfig.engine,
+        help="what runs the model: torch (any device) or vllm (CUDA; needs "
+        "pip install 'meshmint[vllm]') (default: %(default)s)",
     )
     run.add_argument("--device", choices=("auto", *DEVICES), default="auto")
     run.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
@@ -249,6 +257,7 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
             max_concurrency=args.max_concurrency,
             max_batch_tokens=args.max_batch_tokens,
             kv_cache_tokens=args.kv_cache_tokens,
+            engine=args.engine,
             device=None if args.device == "auto" else args.device,
             dtype=None if args.dtype == "auto" else args.dtype,
             drain_timeout_s=args.drain_timeout,
@@ -262,14 +271,16 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
 async def _serve(config: MinerConfig, *, identity: Identity) -> None:
     # torch takes seconds to import: only `run` pays for it.
     from miner.daemon import MinerDaemon
-    from miner.engine.torch_engine import TorchEngine
 
+    load = _engine_loader(config.engine)
     async with AsyncExitStack() as stack:
         engines: list[Engine] = []
         for spec in config.models:
-            logger.info("loading %s from %s", spec.name, spec.path)
+            logger.info(
+                "loading %s from %s with the %s engine", spec.name, spec.path, config.engine
+            )
             engine = await stack.enter_async_context(
-                TorchEngine.load(
+                load(
                     spec.name,
                     spec.path,
                     device=config.device,
@@ -295,6 +306,18 @@ async def _serve(config: MinerConfig, *, identity: Identity) -> None:
         daemon = MinerDaemon(config, identity=identity, engines=engines)
         with _SignalsHandled(daemon, asyncio.current_task()):
             await daemon.run()
+
+
+def _engine_loader(kind: str) -> Callable[..., AbstractAsyncContextManager[Engine]]:
+    """The ``load`` of the engine named ``kind`` (imported here: torch and vLLM are slow to
+    import, and vLLM is optional)."""
+    if kind == "vllm":
+        from miner.engine.vllm_engine import VllmEngine
+
+        return VllmEngine.load
+    from miner.engine.torch_engine import TorchEngine
+
+    return TorchEngine.load
 
 
 class _SignalsHandled:

@@ -13,6 +13,9 @@ DEFAULT_KEY_PATH = Path("~/.meshmint/miner/identity.key")
 
 DEVICES = ("cpu", "cuda", "mps")
 DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("torch", "vllm")
+"""``torch``: miner/engine/torch_engine.py (any device); ``vllm``: miner/engine/vllm_engine.py
+(CUDA, ``pip install 'meshmint[vllm]'``)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class MinerConfig:
     # Token positions each engine's KV cache holds, across its jobs (allocated at start); None:
     # room for max_concurrency jobs of min(context, 2048) tokens, at least one full context.
     kv_cache_tokens: int | None = None
+    # Which engine runs the models (one of ENGINES): both sample with miner/sampler.py.
+    engine: str = "torch"
     # "cpu", "cuda", "cuda:N" or "mps"; None lets the engine pick the best device present.
     device: str | None = None
     # "float32", "bfloat16" or "float16"; None lets the engine pick for the device.
@@ -70,6 +75,8 @@ class MinerConfig:
         parse_coordinator(self.coordinator)
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         # The engine's own rules for these (one place for them).
         BatchingConfig(
             max_batch_size=self.max_concurrency,

@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from miner import sampler
 from miner.engine.base import (
     DEFAULT_MAX_BATCH_TOKENS,
     BatchingConfig,
@@ -36,16 +35,14 @@ from miner.engine.base import (
     GenerationRequest,
     ModelInfo,
     ModelLoadError,
-    SamplingParams,
     ScoreRequest,
     TokenScores,
 )
-from miner.engine.gguf_cache import prepare_gguf
 from miner.engine.kv_cache import BlockPool, PagedKVCache
 from miner.engine.model_runner import ModelRunner, UnsupportedModelError
+from miner.engine.model_source import context_length, resolve_source, vocab_size
+from miner.engine.request_checks import checked_generation, checked_scoring
 from miner.engine.scheduler import Scheduler, SchedulerStats
-from proto.gguf import is_gguf_path
-from proto.weights_digest import NoWeightFilesError, weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +52,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-# Config attribute names that hold the context length, most common first.
-_CONTEXT_ATTRIBUTES = (
-    "max_position_embeddings",
-    "n_positions",
-    "max_sequence_length",
-    "seq_length",
-)
 BLOCK_SIZE = 16
 """Token positions per KV block."""
 
@@ -155,7 +145,8 @@ class TorchEngine:
         completion reaches the context length. Closing the iterator takes the job out of the
         batch at the next step and frees its KV blocks.
         """
-        prompt = self._validate(request)
+        self._check_open()
+        prompt = checked_generation(request, self._info)
         limit = min(request.sampling.max_tokens, self._info.context_length - len(prompt))
         generation = self._scheduler.submit_generation(request, prompt, limit=limit)
         logger.debug("job %s: %d prompt tokens, up to %d new", request.job_id, len(prompt), limit)
@@ -178,22 +169,9 @@ class TorchEngine:
         prompt, ids outside the vocabulary, more tokens than the context, bad sampling
         parameters. An empty completion scores to empty tuples without a forward pass.
         """
-        prompt = self._checked_prompt(request.prompt_token_ids)
-        completion = self._checked_ids(request.completion_token_ids, "completion")
-        context_length = self._info.context_length
-        if len(prompt) + len(completion) > context_length:
-            raise GenerationError(
-                f"prompt and completion have {len(prompt) + len(completion)} tokens; "
-                f"the context length is {context_length}"
-            )
-        self._check_sampling(request.sampling)
-        claimed_tops = request.claimed_top_ids
-        if claimed_tops and len(claimed_tops) != len(completion):
-            raise GenerationError(
-                f"{len(claimed_tops)} top_logprobs entries for {len(completion)} tokens"
-            )
-        for ids in claimed_tops:
-            self._checked_ids(ids, "top_logprobs")
+        self._check_open()
+        checked = checked_scoring(request, self._info)
+        prompt, completion = checked.prompt, checked.completion
         if not completion:
             return TokenScores(logprobs=(), margins=())
         logger.debug(
@@ -210,39 +188,9 @@ class TorchEngine:
             if not scoring.result.done():
                 scoring.result.cancel()
 
-    def _validate(self, request: GenerationRequest) -> list[int]:
-        prompt = self._checked_prompt(request.prompt_token_ids)
-        context_length = self._info.context_length
-        if len(prompt) >= context_length:
-            raise GenerationError(
-                f"the prompt has {len(prompt)} tokens; the context length is {context_length}"
-            )
-        if request.sampling.max_tokens < 1:
-            raise GenerationError(f"max_tokens must be >= 1, got {request.sampling.max_tokens}")
-        self._check_sampling(request.sampling)
-        return prompt
-
-    def _checked_prompt(self, token_ids: Sequence[int]) -> list[int]:
+    def _check_open(self) -> None:
         if self._closed:
             raise GenerationError("the engine is closed")
-        prompt = self._checked_ids(token_ids, "prompt")
-        if not prompt:
-            raise GenerationError("the prompt is empty")
-        return prompt
-
-    def _checked_ids(self, token_ids: Sequence[int], what: str) -> list[int]:
-        ids = [int(token) for token in token_ids]
-        vocab_size = self._info.vocab_size
-        if not all(0 <= token < vocab_size for token in ids):
-            raise GenerationError(f"{what} token ids must be in [0, {vocab_size})")
-        return ids
-
-    @staticmethod
-    def _check_sampling(params: SamplingParams) -> None:
-        try:
-            sampler.validate(params)
-        except ValueError as exc:
-            raise GenerationError(str(exc)) from exc
 
     async def _close(self) -> None:
         self._closed = True
@@ -317,14 +265,6 @@ def _resolve_dtype(dtype: str | None, device: torch.device) -> str:
     return name
 
 
-def _context_length(config: Any) -> int:
-    for attribute in _CONTEXT_ATTRIBUTES:
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise ModelLoadError(f"the model config names no context length (one of {_CONTEXT_ATTRIBUTES})")
-
-
 def _load_model(
     name: str, source: Path, *, device: str | None, dtype: str | None, cache_dir: Path | None
 ) -> tuple[Any, ModelInfo]:
@@ -333,50 +273,28 @@ def _load_model(
 
     resolved_device = _resolve_device(device)
     dtype_name = _resolve_dtype(dtype, resolved_device)
-    if is_gguf_path(source):
-        model_dir, digest = _converted_gguf(source, cache_dir=cache_dir)
-    else:
-        model_dir, digest = source, _directory_digest(source)
-    logger.info("loading %s from %s on %s as %s", name, model_dir, resolved_device, dtype_name)
+    resolved = resolve_source(source, cache_dir=cache_dir)
+    logger.info(
+        "loading %s from %s on %s as %s", name, resolved.directory, resolved_device, dtype_name
+    )
     try:
         # Any: transformers' own annotations of from_pretrained/.to() confuse mypy.
         model: Any = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=DTYPES[dtype_name]
+            resolved.directory, local_files_only=True, dtype=DTYPES[dtype_name]
         )
         model = model.to(resolved_device).eval()
     except Exception as exc:  # transformers raises OSError, ValueError, SafetensorError, ...
-        where = model_dir if model_dir == source else f"{source} (converted in {model_dir})"
-        raise ModelLoadError(f"cannot load {where}: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(
+            f"cannot load {resolved.describe()}: {type(exc).__name__}: {exc}"
+        ) from exc
     text_config = model.config.get_text_config()
-    vocab_size = getattr(text_config, "vocab_size", None)
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ModelLoadError(f"the config of {model_dir} has no vocab_size")
     info = ModelInfo(
         name=name,
-        weights_sha256=digest,
-        vocab_size=vocab_size,
-        context_length=_context_length(text_config),
+        weights_sha256=resolved.weights_sha256,
+        vocab_size=vocab_size(text_config, where=resolved.directory),
+        context_length=context_length(text_config),
         dtype=dtype_name,
         device=str(resolved_device),
         engine=f"torch-transformers/{torch.__version__}",
     )
     return model, info
-
-
-def _directory_digest(model_dir: Path) -> bytes:
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise ModelLoadError(f"{model_dir} has no config.json; expected a Hugging Face model dir")
-    try:
-        return weights_sha256(model_dir)
-    except NoWeightFilesError as exc:
-        raise ModelLoadError(f"{model_dir} holds no weight files (*.safetensors, *.bin)") from exc
-
-
-def _converted_gguf(path: Path, *, cache_dir: Path | None) -> tuple[Path, bytes]:
-    """The cache entry a GGUF file is served from, and the GGUF file's own digest."""
-    if cache_dir is None:
-        raise ModelLoadError(f"{path}: serving a GGUF file needs a cache directory (cache_dir)")
-    cached = prepare_gguf(path, cache_dir=cache_dir)
-    return cached.directory, cached.source_sha256

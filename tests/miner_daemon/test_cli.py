@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -144,3 +145,22 @@ def test_the_model_cache_defaults_to_beside_the_key() -> None:
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_the_vllm_engine_without_vllm_exits_1_saying_how_to_install_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    assert main(["create-test-model", str(model)]) == 0
+    capsys.readouterr()
+    argv = ["run", "--coordinator", "127.0.0.1:1", "--model", f"tiny={model}", "--engine", "vllm"]
+    assert main([*argv, "--key", str(tmp_path / "k")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("meshmint-miner: error: cannot load a model: the vLLM engine needs vLLM")
+    assert "pip install 'meshmint[vllm]'" in line
+
+
+def test_an_unknown_engine_is_a_usage_error(tmp_path: Path) -> None:
+    argv = ["run", "--coordinator", "127.0.0.1:1", "--model", f"x={tmp_path}"]
+    assert main([*argv, "--engine", "llama.cpp"]) == 2
