@@ -79,3 +79,20 @@ def test_one_request_per_client_falls_back_to_the_whole_span() -> None:
     # Client 1 sends only after client 0's last token: no span where both are measured.
     result = figures([[_timing(0.0, 1.0, 2.0)], [_timing(3.0, 4.0, 5.0)]])
     assert result.window_s == 5.0 and result.tokens_per_s == 4 / 5 and result.window_requests == 2
+
+
+def test_the_engine_comparison_runs_on_the_torch_engine_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import engine_compare
+
+    argv = ["--model", "tiny", "--engines", "torch", "--device", "cpu", "--concurrency", "1,2"]
+    argv += ["--requests", "2", "--min-rounds", "1", "--max-tokens", "4"]
+    paths = ["--work-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")]
+    assert engine_compare.main([*argv, *paths]) == 0
+    printed = capsys.readouterr().out
+    assert "| N | torch tok/s | torch TTFT p50 / p99 (ms) |" in printed
+    table_rows = [line for line in printed.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(table_rows) == 2
+    with pytest.raises(SystemExit):
+        engine_compare.parse_args(["--engines", "llama.cpp"])
