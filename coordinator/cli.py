@@ -20,11 +20,12 @@ from pathlib import Path
 from coordinator.admin_report import keys_report, miners_report
 from coordinator.config import CatalogSource, CoordinatorConfig
 from coordinator.dispatch import DispatchConfig
-from coordinator.gateway.servicer import GatewayConfig
+from coordinator.gateway.config import GatewayConfig
 from coordinator.keys import KeyStore
 from coordinator.limits import LimitsConfig
-from coordinator.server import run_coordinator
 from coordinator.service import BillingConfig
+from coordinator.tls import CertificateFiles, TlsConfig
+from coordinator.tls_init import SERVER_DAYS, init_tls
 from coordinator.verification.policy import VerificationConfig
 from coordinator.verification.report import checks_report
 from ledger.checkpointer import SequencerFencedError, SigningKeyChangedError
@@ -71,6 +72,30 @@ def _parser() -> argparse.ArgumentParser:
     storage(serve)
     serve.add_argument("--http", type=_address, default=("127.0.0.1", 8000), metavar="HOST:PORT")
     serve.add_argument("--grpc", type=_address, default=("127.0.0.1", 50051), metavar="HOST:PORT")
+    tls = serve.add_argument_group(
+        "TLS", "listeners off loopback need TLS or --allow-plaintext; SIGHUP reloads the files"
+    )
+    tls.add_argument("--tls-cert", type=Path, metavar="FILE", help="PEM certificate (chain)")
+    tls.add_argument("--tls-key", type=Path, metavar="FILE", help="its PEM private key")
+    tls.add_argument(
+        "--grpc-tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="another certificate for the miners' gRPC port (default: --tls-cert's)",
+    )
+    tls.add_argument("--grpc-tls-key", type=Path, metavar="FILE", help="its PEM private key")
+    tls.add_argument(
+        "--client-ca",
+        type=Path,
+        metavar="FILE",
+        help="require miners to present a client certificate signed by this CA (mutual TLS)",
+    )
+    tls.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        default=TlsConfig.allow_plaintext,
+        help="serve plaintext off loopback (only behind a TLS-terminating proxy)",
+    )
     models = serve.add_mutually_exclusive_group(required=True)
     models.add_argument(
         "--model",
@@ -177,6 +202,35 @@ def _parser() -> argparse.ArgumentParser:
         "--access-log", action="store_true", help="log one line per HTTP request (INFO)"
     )
 
+    tls_init = commands.add_parser(
+        "tls-init",
+        help="write a private CA, a server certificate and client certificates into DIR",
+        description="Creates DIR/ca.pem and ca.key once (reused later), then writes "
+        "server.pem/server.key for the --host names and client-NAME.pem/.key per --client. "
+        "Run it again to renew the server certificate under the same CA, then send SIGHUP.",
+    )
+    tls_init.add_argument("directory", type=Path, metavar="DIR")
+    tls_init.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="a DNS name or IP address miners and buyers use for this coordinator (repeatable)",
+    )
+    tls_init.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also write a client certificate for a miner, for --client-ca (repeatable)",
+    )
+    tls_init.add_argument(
+        "--days",
+        type=int,
+        default=SERVER_DAYS,
+        help="validity of the server and client certificates (default %(default)s)",
+    )
+
     miners = commands.add_parser("miners", help="connected miners: models, load, speed, trust")
     storage(miners)
 
@@ -221,14 +275,20 @@ def _storage(args: argparse.Namespace) -> tuple[Path, str | None]:
 
 
 async def _serve(config: CoordinatorConfig) -> None:
+    # Imported here: it imports grpc, which reads GRPC_VERBOSITY (set in main) only once.
+    from coordinator.server import run_coordinator
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with run_coordinator(config) as running:
+        # On the event loop's thread: the HTTP listener's handshakes run there too, so none
+        # sees the SSL context half-loaded.
+        loop.add_signal_handler(signal.SIGHUP, running.tls.reload)
         sys.stdout.write(
-            f"meshmint coordinator: buyers http://{config.http_host}:{running.http_port}/v1, "
-            f"miners {config.grpc_host}:{running.grpc_port}\n"
+            f"meshmint coordinator: buyers {running.tls.http_scheme}://{config.http_host}:"
+            f"{running.http_port}/v1, miners {config.grpc_host}:{running.grpc_port}\n"
         )
         sys.stdout.flush()
         await stop.wait()
@@ -295,6 +355,33 @@ async def _list_keys(args: argparse.Namespace, keys: KeyStore, ledger: PostgresL
     return await keys_report(keys, ledger)
 
 
+def _tls_config(args: argparse.Namespace) -> TlsConfig:
+    pairs: list[CertificateFiles | None] = []
+    for flags, cert, key in (
+        ("--tls-cert and --tls-key", args.tls_cert, args.tls_key),
+        ("--grpc-tls-cert and --grpc-tls-key", args.grpc_tls_cert, args.grpc_tls_key),
+    ):
+        if (cert is None) != (key is None):
+            raise UsageError(f"{flags} must be given together")
+        pairs.append(None if cert is None else CertificateFiles(cert=cert, key=key))
+    return TlsConfig(
+        http=pairs[0], grpc=pairs[1], client_ca=args.client_ca, allow_plaintext=args.allow_plaintext
+    )
+
+
+def _tls_init(args: argparse.Namespace) -> None:
+    files = init_tls(args.directory, hosts=args.host, clients=args.client, days=args.days)
+    lines = [
+        f"{'created' if files.ca_created else 'reused'} CA   {files.ca_cert}"
+        "  (miners: --coordinator-ca; buyers' clients: trust it)",
+        f"server certificate {files.server_cert}  (serve --tls-cert)",
+        f"server key         {files.server_key}  (serve --tls-key)",
+    ]
+    for cert, key in files.clients:
+        lines.append(f"client certificate {cert} and key {key}  (run --tls-cert/--tls-key)")
+    sys.stdout.write("\n".join(lines) + "\n")
+
+
 def _config(args: argparse.Namespace) -> CoordinatorConfig:
     data_dir, database_url = _storage(args)
     if not 0 <= args.fee_bps <= 10_000:
@@ -339,11 +426,16 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
             floor=args.spot_check_floor,
             window_s=args.verification_window * 3600,
         ),
+        tls=_tls_config(args),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # grpc-core logs every failed TLS handshake (a misconfigured miner retrying, a port
+    # scanner) at INFO, without the peer's address; the miner reports its own failure once a
+    # minute. It reads this once, when grpc is first imported (in _serve, not above).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -352,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             asyncio.run(_serve(_config(args)))
+        elif args.command == "tls-init":
+            _tls_init(args)
         elif args.command == "checks":
             asyncio.run(_checks(args))
         elif args.command == "miners":

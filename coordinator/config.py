@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.dispatch import DispatchConfig
-from coordinator.gateway.servicer import GatewayConfig
+from coordinator.gateway.config import GatewayConfig
 from coordinator.limits import LimitsConfig
 from coordinator.service import BillingConfig
+from coordinator.tls import TlsConfig
 from coordinator.verification.policy import VerificationConfig
 
 
@@ -44,6 +45,11 @@ class CoordinatorConfig:
     ledger_origin: str = "meshmint.local/ledger"  # the log's name in every checkpoint; never change
     checkpoint_interval_s: float = 0.5  # how often a new checkpoint is signed while entries arrive
     rotate_ledger_key: bool = False  # accept a signing key other than the last checkpoint's
+    tls: TlsConfig = field(default_factory=TlsConfig)  # HTTPS, gRPC TLS, mTLS (coordinator/tls.py)
+
+    def __post_init__(self) -> None:
+        # Refused before anything starts: plaintext off loopback must be asked for.
+        self.tls.check_listeners(http_host=self.http_host, grpc_host=self.grpc_host)
 
     @property
     def signing_key_path(self) -> Path:

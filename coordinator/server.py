@@ -28,6 +28,7 @@ from coordinator.receipts import LedgerReceipts
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router, trust_from_record
 from coordinator.service import MarketplaceService, miner_account
+from coordinator.tls import ServerTls
 from coordinator.usage import UsageService
 from coordinator.verification.checker import SpotChecker
 from coordinator.verification.penalties import Penalties
@@ -58,6 +59,7 @@ class RunningCoordinator:
     service: MarketplaceService  # what the HTTP layer calls
     checker: SpotChecker  # spot checks of finished jobs
     trust: TrustStore  # what spot checks found, per identity
+    tls: ServerTls  # the listeners' certificates; reload() rotates them (SIGHUP)
 
 
 def build_catalog(source: CatalogSource) -> Catalog:
@@ -73,6 +75,8 @@ def build_catalog(source: CatalogSource) -> Catalog:
 @asynccontextmanager
 async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoordinator]:
     """Runs a coordinator until the block exits, then shuts it down gracefully."""
+    # First: a bad certificate file should fail the start before the database spins up.
+    tls = await asyncio.to_thread(ServerTls.load, config.tls)
     catalog = await asyncio.to_thread(build_catalog, config.catalog)
     async with connect(database_url=config.database_url, data_dir=config.data_dir) as pool:
         ledger = await PostgresLedger.create(pool)
@@ -148,7 +152,11 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             ]
         )
         miner_pb2_grpc.add_MinerGatewayServicer_to_server(gateway, grpc_server)
-        grpc_port = grpc_server.add_insecure_port(f"{config.grpc_host}:{config.grpc_port}")
+        grpc_address = f"{config.grpc_host}:{config.grpc_port}"
+        if tls.grpc_credentials is None:
+            grpc_port = grpc_server.add_insecure_port(grpc_address)
+        else:
+            grpc_port = grpc_server.add_secure_port(grpc_address, tls.grpc_credentials)
         await grpc_server.start()
         app = create_app(service, max_body_bytes=config.max_body_bytes, metrics=metrics)
         published = PublishedLedger(
@@ -171,7 +179,9 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         )
         try:
             await runner.setup()
-            site = web.TCPSite(runner, config.http_host, config.http_port)
+            site = web.TCPSite(
+                runner, config.http_host, config.http_port, ssl_context=tls.http_context
+            )
             await site.start()
             http_port = int(runner.addresses[0][1])
             snapshots = MinerSnapshots(pool, registry=registry, interval_s=2.0)
@@ -187,11 +197,14 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
                 if orphaned:
                     logger.warning("released %d holds left open by a previous run", orphaned)
                 logger.info(
-                    "coordinator ready: HTTP on %s:%d, miners on %s:%d, models %s, ledger key %s",
+                    "coordinator ready: %s on %s:%d, miners on %s:%d (%s), models %s, "
+                    "ledger key %s",
+                    tls.http_scheme.upper(),
                     config.http_host,
                     http_port,
                     config.grpc_host,
                     grpc_port,
+                    tls.grpc_transport,
                     sorted(catalog.names()),
                     signer.verifier_key,
                 )
@@ -205,6 +218,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
                     service=service,
                     checker=checker,
                     trust=trust,
+                    tls=tls,
                 )
         finally:
             logger.info("coordinator shutting down")

@@ -32,6 +32,7 @@ from miner.config import (
 from miner.engine.base import Engine, ModelLoadError
 from miner.errors import IdentityError, MinerRefusedError
 from miner.identity import Identity, load_or_create_identity
+from miner.tls import CoordinatorTls, channel_credentials
 from miner.witness_store import WitnessError
 
 if TYPE_CHECKING:
@@ -62,6 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="connect to a coordinator and serve jobs")
     run.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    run.add_argument(
+        "--coordinator-ca",
+        type=Path,
+        metavar="FILE",
+        help="trust this CA (or self-signed certificate) for the coordinator; implies TLS "
+        "(default: TLS with the system's trust store, plaintext to a loopback address)",
+    )
+    run.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="client certificate for a coordinator that requires one (mutual TLS)",
+    )
+    run.add_argument("--tls-key", type=Path, metavar="FILE", help="the --tls-cert's private key")
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext even to a coordinator that is not on this machine",
+    )
     run.add_argument(
         "--model",
         action="append",
@@ -221,6 +241,11 @@ def _command_create_test_model(args: argparse.Namespace, key_path: Path | None) 
 def _command_run(args: argparse.Namespace, key_path: Path | None) -> int:
     assert key_path is not None
     config = _run_config(args, key_path)
+    try:
+        # Fails now, naming the file and the reason, rather than after the models load.
+        channel_credentials(config.tls, parse_coordinator(config.coordinator)[0])
+    except ValueError as err:
+        raise _UsageError(str(err)) from err
     identity = load_or_create_identity(config.key_path)
     try:
         asyncio.run(_serve(config, identity=identity))
@@ -263,6 +288,12 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
             drain_timeout_s=args.drain_timeout,
             witness_dir=default_witness_dir(key_path),
             cache_dir=args.cache_dir or default_cache_dir(key_path),
+            tls=CoordinatorTls(
+                ca_file=args.coordinator_ca,
+                cert_file=args.tls_cert,
+                key_file=args.tls_key,
+                insecure=args.insecure,
+            ),
         )
     except ValueError as err:
         raise _UsageError(str(err)) from err

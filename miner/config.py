@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from miner.engine.base import DEFAULT_MAX_BATCH_TOKENS, BatchingConfig
+from miner.tls import CoordinatorTls
 from proto.gguf import is_gguf_path
 
 DEFAULT_KEY_PATH = Path("~/.meshmint/miner/identity.key")
@@ -70,6 +71,8 @@ class MinerConfig:
     # Where GGUF models are converted into loadable directories, once per file; miners may share
     # one (miner/engine/gguf_cache.py). None: GGUF models cannot be served (the CLI sets it).
     cache_dir: Path | None = None
+    # TLS to the coordinator: on by default off loopback (the rule is in miner/tls.py).
+    tls: CoordinatorTls = field(default_factory=CoordinatorTls)
 
     def __post_init__(self) -> None:
         parse_coordinator(self.coordinator)

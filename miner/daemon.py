@@ -14,12 +14,13 @@ import logging
 import random
 from collections.abc import Sequence
 
-from miner.config import MinerConfig
+from miner.config import MinerConfig, parse_coordinator
 from miner.engine.base import Engine
-from miner.errors import ConnectionLostError
+from miner.errors import ConnectionLostError, TlsHandshakeError
 from miner.hardware import detect_hardware
 from miner.identity import Identity
 from miner.session import Session
+from miner.tls import FailureLog, channel_credentials
 from miner.witness import Witness
 from miner.witness_store import WitnessStore
 from proto import miner_pb2
@@ -117,9 +118,19 @@ class MinerDaemon:
             # Raises WitnessError when the stored checkpoint is damaged: better not to start.
             store = await asyncio.to_thread(WitnessStore.open, self._config.witness_dir)
             witness = Witness(store, miner_id=self._identity.miner_id)
+        host = parse_coordinator(self._config.coordinator)[0]
+        credentials = await asyncio.to_thread(channel_credentials, self._config.tls, host)
+        transport = "TLS" if credentials is not None else "plaintext"
+        tls_failures = FailureLog()
         attempt = 0
         while not self._stopping.is_set():
-            logger.info("connecting to %s", self._config.coordinator)
+            logger.log(
+                # After the first failure, the failure's own report says what is going on.
+                logging.INFO if attempt == 0 else logging.DEBUG,
+                "connecting to %s (%s)",
+                self._config.coordinator,
+                transport,
+            )
             session = Session(
                 self._config,
                 hello=hello,
@@ -127,10 +138,14 @@ class MinerDaemon:
                 engines=self._engines,
                 stopping=self._stopping,
                 witness=witness,
+                credentials=credentials,
             )
+            tls_failure = False
             try:
                 await session.run()
                 return
+            except TlsHandshakeError as failed:
+                reason, tls_failure = str(failed), True
             except ConnectionLostError as lost:
                 reason = str(lost)
             if session.welcome is not None:
@@ -142,6 +157,13 @@ class MinerDaemon:
                 attempt, minimum=self._config.backoff_min_s, maximum=self._config.backoff_max_s
             )
             attempt += 1
+            if tls_failure:
+                # Retried like any lost connection (the coordinator may be mid-rotation), but a
+                # misconfigured miner would otherwise log the same handshake error every few s.
+                tls_failures.report(self._config.coordinator, reason)
+                logger.debug("retrying in %.1f s", delay)
+                await self._sleep_unless_stopping(delay)
+                continue
             logger.warning(
                 "%s %s (%s); retrying in %.1f s",
                 "lost the connection to" if session.welcome is not None else "cannot connect to",

@@ -4,6 +4,7 @@ MinerError
 ├── IdentityError        the key file is unreadable, malformed or open to other users
 ├── MinerRefusedError    the coordinator refused this miner for a reason retrying cannot fix
 ├── ConnectionLostError  one connection ended (never escapes ``MinerDaemon.run``: it reconnects)
+│   └── TlsHandshakeError    ... because TLS failed (logged once a minute, miner/tls.py)
 └── WitnessError         the ledger witness's files are unusable (miner/witness_store.py)
 """
 
@@ -39,3 +40,7 @@ class MinerRefusedError(MinerError):
 
 class ConnectionLostError(MinerError):
     """The connection to the coordinator failed or ended; the message says why."""
+
+
+class TlsHandshakeError(ConnectionLostError):
+    """The connection failed in its TLS handshake; the message says what to check."""

@@ -20,11 +20,12 @@ import grpc
 
 from miner.config import MinerConfig
 from miner.engine.base import Engine
-from miner.errors import ConnectionLostError, MinerRefusedError
+from miner.errors import ConnectionLostError, MinerRefusedError, TlsHandshakeError
 from miner.identity import Identity
 from miner.jobs import JobRunner, StopReason, failure
 from miner.score_jobs import ScoreRunner, score_error
 from miner.slashes import record_slash
+from miner.tls import describe_tls_failure
 from miner.witness import Witness, WitnessLink
 from proto import miner_pb2, miner_pb2_grpc
 from proto.limits import MAX_COORDINATOR_MESSAGE_BYTES, MAX_MINER_MESSAGE_BYTES
@@ -80,9 +81,12 @@ class Session:
         engines: Mapping[str, Engine],
         stopping: asyncio.Event,
         witness: Witness | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        """``witness`` checks the coordinator's credit receipts; None ignores them."""
+        """``witness`` checks the coordinator's credit receipts; None ignores them.
+        ``credentials`` secure the channel (miner/tls.py); None dials in plaintext."""
         self._config = config
+        self._credentials = credentials
         self._hello = hello
         self._identity = identity
         self._stopping = stopping
@@ -99,9 +103,14 @@ class Session:
 
     async def run(self) -> None:
         """Runs the connection to its end; see the module docstring for how it ends."""
-        async with grpc.aio.insecure_channel(
-            self._config.coordinator, options=channel_options(self._config)
-        ) as channel:
+        options = channel_options(self._config)
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(self._config.coordinator, options=options)
+        else:
+            channel = grpc.aio.secure_channel(
+                self._config.coordinator, self._credentials, options=options
+            )
+        async with channel:
             call = miner_pb2_grpc.MinerGatewayStub(channel).Connect(self._requests())
             try:
                 self._send(miner_pb2.MinerMessage(hello=self._hello))
@@ -136,7 +145,17 @@ class Session:
                 f"no {waiting_for} from the coordinator within {limit_s:.1f} s"
             ) from None
         except grpc.aio.AioRpcError as err:
-            raise ConnectionLostError(f"{err.code().name}: {err.details()}") from None
+            details = err.details() or ""
+            if self.welcome is None and err.code() == grpc.StatusCode.UNAVAILABLE:
+                tls_failure = describe_tls_failure(
+                    details,
+                    address=self._config.coordinator,
+                    tls=self._config.tls,
+                    encrypted=self._credentials is not None,
+                )
+                if tls_failure is not None:
+                    raise TlsHandshakeError(tls_failure) from None
+            raise ConnectionLostError(f"{err.code().name}: {details}") from None
         if not isinstance(message, miner_pb2.CoordinatorMessage):  # grpc.aio.EOF
             raise ConnectionLostError("the coordinator closed the stream")
         if message.WhichOneof("body") == "refusal":

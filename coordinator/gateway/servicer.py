@@ -12,12 +12,12 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
 from coordinator.catalog import Catalog
+from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.handshake import check_hello, refusal, signature_is_valid
 from coordinator.gateway.session import MinerSession
 from coordinator.registry import MinerRegistry
@@ -29,13 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _R = miner_pb2.RefusalReason
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    heartbeat_interval_s: float = 1.0  # both sides send heartbeats this often (eviction ~3 s)
-    missed_heartbeats: int = 3  # a miner silent for this many intervals is evicted
-    handshake_timeout_s: float = 10.0  # time allowed for Hello and for the signed answer
 
 
 class _HandshakeFailed(Exception):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -78,11 +79,18 @@ class Coordinator:
     grpc_address: str
     database_url: str
     miners: list[Process] = field(default_factory=list)
+    ssl_context: ssl.SSLContext | None = None  # verifies base_url when it is https
 
 
 def start_coordinator(
-    tmp: Path, *, database_url: str, models: dict[str, Path], extra: list[str] | None = None
+    tmp: Path,
+    *,
+    database_url: str,
+    models: dict[str, Path],
+    extra: list[str] | None = None,
+    ca_file: Path | None = None,
 ) -> Coordinator:
+    """``ca_file``: the CA that signed the certificate ``extra`` serves HTTPS with."""
     log = tmp / "coordinator.log"
     args = [
         str(BIN / "meshmint-coordinator"),
@@ -102,8 +110,9 @@ def start_coordinator(
         args += ["--model", f"{name}={path}"]
     popen = subprocess.Popen(args + (extra or []), stdout=log.open("wb"), stderr=subprocess.STDOUT)
     process = Process(popen, log)
-    ready = _wait_for(log, r"buyers (http://\S+/v1), miners (\S+)\n", popen, timeout=60)
-    return Coordinator(process, ready.group(1), ready.group(2), database_url)
+    ready = _wait_for(log, r"buyers (https?://\S+/v1), miners (\S+)\n", popen, timeout=60)
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+    return Coordinator(process, ready.group(1), ready.group(2), database_url, ssl_context=context)
 
 
 @contextlib.contextmanager
@@ -114,9 +123,12 @@ def running_coordinator(
     models: dict[str, Path],
     extra: list[str] | None = None,
     kill_miners: bool = False,
+    ca_file: Path | None = None,
 ) -> Iterator[Coordinator]:
     """A coordinator for the block; its miners are stopped (or killed) and it is stopped after."""
-    running = start_coordinator(tmp, database_url=database_url, models=models, extra=extra)
+    running = start_coordinator(
+        tmp, database_url=database_url, models=models, extra=extra, ca_file=ca_file
+    )
     try:
         yield running
     finally:
@@ -165,7 +177,9 @@ def wait_for_miners(
     deadline = time.monotonic() + timeout
     seen: Any = None
     while time.monotonic() < deadline:
-        _, _, seen = http(f"{coordinator.base_url}/models", api_key=api_key)
+        _, _, seen = http(
+            f"{coordinator.base_url}/models", api_key=api_key, context=coordinator.ssl_context
+        )
         if any(m["id"] == model and m["miners"] == count for m in seen.get("data", [])):
             return
         time.sleep(0.2)
@@ -174,15 +188,20 @@ def wait_for_miners(
 
 
 def http(
-    url: str, *, api_key: str | None = None, body: bytes | None = None
+    url: str,
+    *,
+    api_key: str | None = None,
+    body: bytes | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], Any]:
-    """A raw request (GET, or POST with ``body``): status, lower-cased headers, parsed JSON."""
+    """A raw request (GET, or POST with ``body``): status, lower-cased headers, parsed JSON.
+    ``context`` verifies an https URL (e.g. ``Coordinator.ssl_context``)."""
     headers = {"Content-Type": "application/json"}
     if api_key is not None:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=body, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
             status, raw_headers, payload = response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         status, raw_headers, payload = error.code, error.headers, error.read()

@@ -230,8 +230,10 @@ def _verify(session: FakeSession) -> bool:
 
 
 @asynccontextmanager
-async def serve(gateway: FakeGateway, *, port: int = 0) -> AsyncIterator[int]:
-    """Serves ``gateway`` on 127.0.0.1 and yields the port."""
+async def serve(
+    gateway: FakeGateway, *, port: int = 0, credentials: grpc.ServerCredentials | None = None
+) -> AsyncIterator[int]:
+    """Serves ``gateway`` on 127.0.0.1 (over TLS with ``credentials``) and yields the port."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MINER_MESSAGE_BYTES),
@@ -239,7 +241,11 @@ async def serve(gateway: FakeGateway, *, port: int = 0) -> AsyncIterator[int]:
         ]
     )
     miner_pb2_grpc.add_MinerGatewayServicer_to_server(gateway, server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     await server.start()
     try:
         yield bound
