@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal, Protocol
 
 from coordinator.errors import LimitKind, RateLimitState
+from coordinator.privacy import PrivacyPolicy
 from ledger.public import BalanceSnapshot
 
 FinishReason = Literal["stop", "length"]
@@ -46,6 +47,8 @@ class ProviderPreferences:
     max_prompt_price: Decimal | None = None  # max_price.prompt
     max_completion_price: Decimal | None = None  # max_price.completion
     allow_fallbacks: bool = True  # False: a miner failing before its first token is a 503
+    # data_collection and trust: which miners may see the prompt (generation and spot checks).
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
     def over_max_price(self, *, prompt: Decimal, completion: Decimal) -> list[str]:
         """What ``max_price`` refuses of a model priced ``prompt`` and ``completion`` credits per
@@ -119,6 +122,7 @@ class ModelCard:
     input_price_per_mtok: int  # micro-units per million prompt tokens
     output_price_per_mtok: int  # micro-units per million completion tokens
     miners: int  # miners connected and serving it now
+    vetted_miners: int  # of those, the ones the operator vetted (provider.trust: vetted)
     created: int  # unix time the catalog entry was loaded
 
 

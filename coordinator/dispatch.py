@@ -25,6 +25,7 @@ from coordinator.api import ProviderSort
 from coordinator.errors import NoMinerAvailableError, UpstreamError
 from coordinator.gateway.session import JobChannel, MinerLost, MinerSession
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.privacy import Eligible, anyone
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router
 from proto import miner_pb2
@@ -106,6 +107,7 @@ class _Waiter:
     """One request waiting for a free slot of its model."""
 
     exclude: Collection[str]  # miners already tried for this job
+    eligible: Eligible  # the miners its buyer's privacy tier admits
     woken: asyncio.Event = field(default_factory=asyncio.Event)  # a slot may be free for it
 
 
@@ -129,8 +131,9 @@ class Dispatcher:
         self._queued = 0
         registry.watch_capacity(self._capacity)
 
-    def has_miners(self, model: str) -> bool:
-        return bool(self._registry.serving(model))
+    def has_miners(self, model: str, *, eligible: Eligible = anyone) -> bool:
+        """Whether a connected miner serves ``model`` (one that ``eligible`` admits)."""
+        return any(eligible(session) for session in self._registry.serving(model))
 
     def queue_depth(self, model: str | None = None) -> int:
         """Requests waiting for a slot of ``model``, or of every model."""
@@ -144,12 +147,14 @@ class Dispatcher:
         *,
         sort: ProviderSort | None = None,
         allow_fallbacks: bool = True,
+        eligible: Eligible = anyone,
     ) -> MinerRun:
         """Sends ``job`` to miners in turn until one produces a token.
 
         ``sort`` is the buyer's provider.sort; without ``allow_fallbacks`` only one miner is
-        tried. Raises NoMinerAvailableError when no slot frees in time, the queue is full, or
-        every attempt failed.
+        tried; only miners that ``eligible`` admits (the buyer's privacy tier) are tried.
+        Raises NoMinerAvailableError when no slot frees in time, the queue is full, or every
+        attempt failed.
         """
         deadline = asyncio.get_running_loop().time() + self._config.queue_wait_s
         attempts = self._config.max_attempts if allow_fallbacks else 1
@@ -158,7 +163,7 @@ class Dispatcher:
         for _ in range(attempts):
             try:
                 session = await self._acquire(
-                    job.model, exclude=tried, deadline=deadline, sort=sort
+                    job.model, exclude=tried, deadline=deadline, sort=sort, eligible=eligible
                 )
             except _NoSlot as busy:
                 failures.append(str(busy))
@@ -204,6 +209,7 @@ class Dispatcher:
         exclude: Collection[str],
         deadline: float,
         sort: ProviderSort | None,
+        eligible: Eligible,
     ) -> MinerSession | None:
         """A miner with a free slot, waiting for one in the model's queue if need be.
 
@@ -214,10 +220,14 @@ class Dispatcher:
         queue = self._queues.get(model)
         retry = bool(exclude)
         if retry or not queue:
-            session = self._router.pick(self._registry.available(model), exclude=exclude, sort=sort)
+            session = self._router.pick(
+                self._available(model, eligible), exclude=exclude, sort=sort
+            )
             if session is not None:
                 return session
-        if not any(s.miner_id not in exclude for s in self._registry.serving(model)):
+        if not any(
+            s.miner_id not in exclude and eligible(s) for s in self._registry.serving(model)
+        ):
             return None
         if deadline <= asyncio.get_running_loop().time():
             raise _NoSlot(self._stayed_busy())
@@ -225,7 +235,7 @@ class Dispatcher:
             queue = self._queues[model] = deque()
         if len(queue) >= self._config.max_queue:
             raise _NoSlot(f"all miners are busy and {len(queue)} requests are already waiting")
-        waiter = _Waiter(exclude)
+        waiter = _Waiter(exclude, eligible)
         if retry:
             queue.appendleft(waiter)
         else:
@@ -242,7 +252,7 @@ class Dispatcher:
                     raise _NoSlot(self._stayed_busy()) from None
                 waiter.woken.clear()
                 session = self._router.pick(
-                    self._registry.available(model), exclude=exclude, sort=sort
+                    self._available(model, eligible), exclude=exclude, sort=sort
                 )
                 if session is not None:
                     return session
@@ -255,6 +265,9 @@ class Dispatcher:
             if waiter.woken.is_set():
                 # Woken but leaving without the slot (cancelled, timed out): pass it on.
                 self._wake(model)
+
+    def _available(self, model: str, eligible: Eligible) -> list[MinerSession]:
+        return [session for session in self._registry.available(model) if eligible(session)]
 
     def _capacity(self, session: MinerSession) -> None:
         for model in session.models:
@@ -274,7 +287,10 @@ class Dispatcher:
                 return
             if waiter.woken.is_set():
                 continue
-            if any(session.miner_id not in waiter.exclude for session in available):
+            if any(
+                session.miner_id not in waiter.exclude and waiter.eligible(session)
+                for session in available
+            ):
                 waiter.woken.set()
                 free -= 1
 

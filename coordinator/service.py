@@ -57,6 +57,7 @@ from coordinator.job_log import JobLog, JobRecord
 from coordinator.keys import KeyStore
 from coordinator.limits import RateLimiter, Reservation, SpendGuard, SpendHold
 from coordinator.metrics import CoordinatorMetrics, RequestTimer
+from coordinator.privacy import PrivacyPolicy, eligibility, nobody_vetted
 from coordinator.receipts import CreditedJob
 from coordinator.registry import MinerRegistry
 from coordinator.text.tokenization import ChatTemplateError
@@ -117,6 +118,7 @@ class _TimedCompletion(RunningCompletion):
     """A :class:`RunningCompletion` whose deltas are timed as they are handed to the buyer."""
 
     timer: RequestTimer  # set by the service right after construction
+    privacy: PrivacyPolicy = PrivacyPolicy()  # the buyer's tier: binds the spot check's scorers
     _timed: AsyncGenerator[TextDelta, None] | None = None
 
     def __aiter__(self) -> AsyncIterator[TextDelta]:
@@ -147,9 +149,12 @@ class MarketplaceService:
         metrics: CoordinatorMetrics | None = None,
         limits: RateLimiter | None = None,
         on_finished: Callable[[FinishedJob], None] | None = None,
+        is_vetted: Callable[[str], bool] = nobody_vetted,
     ) -> None:
         """``on_credit`` hears of every settlement that credited a miner, once it committed.
         ``on_finished`` hears of every settled job with a verified receipt (the spot checker).
+        ``is_vetted`` tells the miners an operator vetted (``coordinator.privacy``), for
+        requests that only vetted miners may see.
 
         ``metrics`` receives latencies and billed tokens; without it they go to a private set.
         ``limits`` enforces requests and tokens per minute per key; None: no rate limits.
@@ -166,6 +171,7 @@ class MarketplaceService:
         self._metrics = metrics if metrics is not None else CoordinatorMetrics()
         self._limits = limits
         self._on_finished = on_finished
+        self._is_vetted = is_vetted
         self._spend = SpendGuard(job_log=job_log)
         self._credit = CreditGuard(ledger.balance)
 
@@ -179,7 +185,8 @@ class MarketplaceService:
                 context_length=entry.context_length,
                 input_price_per_mtok=entry.input_price_per_mtok,
                 output_price_per_mtok=entry.output_price_per_mtok,
-                miners=len(self._registry.serving(entry.name)),
+                miners=len(serving := self._registry.serving(entry.name)),
+                vetted_miners=sum(self._is_vetted(session.miner_id) for session in serving),
                 created=entry.created,
             )
             for entry in self._catalog.entries()
@@ -206,6 +213,14 @@ class MarketplaceService:
             prompt_ids = self._tokenize(entry, request)
         if not self._dispatcher.has_miners(entry.name):
             raise NoMinerAvailableError(f"no miner is serving model '{entry.name}' right now")
+        privacy = request.provider.privacy
+        eligible = eligibility(privacy, is_vetted=self._is_vetted)
+        if not self._dispatcher.has_miners(entry.name, eligible=eligible):
+            # Fail closed: the prompt goes to no miner outside the buyer's tier.
+            raise NoMinerAvailableError(
+                f"no miner serving model '{entry.name}' right now is {privacy.describe()}; "
+                "the request was not sent to any other miner"
+            )
         account = buyer_account(buyer)
         max_tokens = request.max_tokens
         if max_tokens is None:
@@ -242,6 +257,7 @@ class MarketplaceService:
                 job,
                 sort=request.provider.sort,
                 allow_fallbacks=request.provider.allow_fallbacks,
+                eligible=eligible,
             )
             completion = _TimedCompletion(
                 completion_id=f"cmpl-{job.job_id.removeprefix('job-')}",
@@ -253,6 +269,7 @@ class MarketplaceService:
                 logprobs=request.logprobs,
             )
             completion.timer = timer
+            completion.privacy = privacy
             # Placed once the first delta was delivered: a request that found no miner, or
             # delivered nothing, wrote nothing to the ledger, and the commit's work on the event
             # loop never delays the first token.
@@ -459,6 +476,7 @@ class MarketplaceService:
                             miner_credit=settlement.miner_credit,
                             fee=settlement.fee,
                             top_logprobs=tuple(completion.received_top_logprobs),
+                            privacy=completion.privacy,
                         )
                     )
             if completion is not None:

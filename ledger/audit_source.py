@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import struct
 import urllib.error
 import urllib.parse
@@ -171,12 +172,20 @@ class HttpAuditSource:
     """
 
     def __init__(
-        self, base_url: str, *, timeout_s: float = 30.0, page_size: int = ENTRIES_PAGE
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 30.0,
+        page_size: int = ENTRIES_PAGE,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``ssl_context`` verifies an ``https://`` coordinator (e.g. one trusting a private
+        CA); None: the system's trust store."""
         if "://" not in base_url:
             base_url = "http://" + base_url
         self._base = base_url.rstrip("/")
         self._timeout_s = timeout_s
+        self._ssl_context = ssl_context
         self._page_size = page_size
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-download")
 
@@ -199,7 +208,9 @@ class HttpAuditSource:
         url = self._base + path + ("?" + urllib.parse.urlencode(query) if query else "")
         logger.debug("GET %s", url)
         try:
-            with urllib.request.urlopen(url, timeout=self._timeout_s) as response:
+            with urllib.request.urlopen(
+                url, timeout=self._timeout_s, context=self._ssl_context
+            ) as response:
                 body: bytes = response.read(max_bytes + 1)
         except urllib.error.HTTPError as exc:
             raise AuditSourceError(f"GET {url}: HTTP {exc.code} {exc.reason}") from None

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -120,6 +121,13 @@ def _parser(*, default_url: str | None, default_data_dir: Path) -> argparse.Argu
     where.add_argument("--coordinator", metavar="URL", help="the coordinator's base URL")
     where.add_argument("--dump", type=Path, metavar="FILE", help="a ledger dump file")
     audit.add_argument(
+        "--ca",
+        type=Path,
+        metavar="FILE",
+        help="trust this CA (PEM) for an https:// coordinator, e.g. tls-init's ca.pem "
+        "(default: the system's trust store)",
+    )
+    audit.add_argument(
         "--trusted-checkpoint",
         type=Path,
         metavar="FILE",
@@ -134,10 +142,22 @@ def _parser(*, default_url: str | None, default_data_dir: Path) -> argparse.Argu
     return parser
 
 
+def _ssl_context(ca_file: Path | None) -> ssl.SSLContext | None:
+    """The context verifying an https coordinator against ``ca_file``; None: system roots."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise CliError(f"--ca {ca_file}: not a readable PEM certificate ({exc})") from exc
+
+
 def _audit(args: argparse.Namespace) -> int:
     """``meshmint-ledger audit``: 0 clean, 1 findings; CliError when it cannot audit."""
     source: AuditSource = (
-        HttpAuditSource(args.coordinator) if args.coordinator else DumpAuditSource(args.dump)
+        HttpAuditSource(args.coordinator, ssl_context=_ssl_context(args.ca))
+        if args.coordinator
+        else DumpAuditSource(args.dump)
     )
     progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     notes: list[str] = []

@@ -45,6 +45,29 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _DataRetention:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DataRetentionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataRetention.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATA_RETENTION_UNSPECIFIED: _DataRetention.ValueType  # 0
+    """Not declared (a miner that predates the field): treated as retaining."""
+    DATA_RETENTION_NONE: _DataRetention.ValueType  # 1
+    """Nothing: no log line, file or table holds a prompt or a completion."""
+    DATA_RETENTION_RETAINS: _DataRetention.ValueType  # 2
+    """Prompts or completions may be kept (logs, datasets)."""
+
+class DataRetention(_DataRetention, metaclass=_DataRetentionEnumTypeWrapper): ...
+
+DATA_RETENTION_UNSPECIFIED: DataRetention.ValueType  # 0
+"""Not declared (a miner that predates the field): treated as retaining."""
+DATA_RETENTION_NONE: DataRetention.ValueType  # 1
+"""Nothing: no log line, file or table holds a prompt or a completion."""
+DATA_RETENTION_RETAINS: DataRetention.ValueType  # 2
+"""Prompts or completions may be kept (logs, datasets)."""
+Global___DataRetention: _TypeAlias = DataRetention  # noqa: Y015
+
 class _RefusalReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -290,12 +313,17 @@ class Hello(_message.Message):
     HARDWARE_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    DATA_RETENTION_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.int
     public_key: _builtins.bytes
     """Raw 32-byte Ed25519 public key: the miner's identity."""
     software_version: _builtins.str
     max_concurrency: _builtins.int
     """How many jobs the miner runs at once."""
+    data_retention: Global___DataRetention.ValueType
+    """What the miner keeps of the prompts and completions it sees. A buyer's
+    provider.data_collection "deny" only reaches miners that declare NONE.
+    """
     @_builtins.property
     def hardware(self) -> Global___Hardware: ...
     @_builtins.property
@@ -309,10 +337,11 @@ class Hello(_message.Message):
         hardware: Global___Hardware | None = ...,
         models: _abc.Iterable[Global___ServedModel] | None = ...,
         max_concurrency: _builtins.int = ...,
+        data_retention: Global___DataRetention.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hardware", b"hardware"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hardware", b"hardware", "max_concurrency", b"max_concurrency", "models", b"models", "protocol_version", b"protocol_version", "public_key", b"public_key", "software_version", b"software_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_retention", b"data_retention", "hardware", b"hardware", "max_concurrency", b"max_concurrency", "models", b"models", "protocol_version", b"protocol_version", "public_key", b"public_key", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

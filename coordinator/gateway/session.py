@@ -146,6 +146,11 @@ class MinerSession:
         self.outbox: asyncio.Queue[miner_pb2.CoordinatorMessage | None] = asyncio.Queue()
 
     @property
+    def retains_data(self) -> bool:
+        """Whether the miner may keep prompts or completions: anything but a declared NONE."""
+        return self.hello.data_retention != miner_pb2.DATA_RETENTION_NONE
+
+    @property
     def active_jobs(self) -> int:
         return len(self._jobs)
 

@@ -89,7 +89,7 @@ _SAMPLING: JsonSchema = {
     "provider": {
         "type": ["object", "null"],
         "description": "Routing preferences, OpenRouter's shape. Other OpenRouter keys (order, "
-        "only, ignore, quantizations, data_collection, ...) are accepted and ignored.",
+        "only, ignore, quantizations, ...) are accepted and ignored.",
         "properties": {
             "sort": {
                 "enum": ["price", "throughput", "latency", None],
@@ -111,6 +111,20 @@ _SAMPLING: JsonSchema = {
                 "default": True,
                 "description": "false: a miner failing before its first token is a 503 instead "
                 "of a silent retry on another miner",
+            },
+            "data_collection": {
+                "enum": ["allow", "deny", None],
+                "default": "allow",
+                "description": "deny: only miners that declare they retain no prompt or "
+                "completion see this one, to generate or to re-score it; none serving the "
+                "model is a 503 and nothing is charged",
+            },
+            "trust": {
+                "enum": ["any", "vetted", None],
+                "default": "any",
+                "description": "vetted: only miners the operator vetted see the prompt, to "
+                "generate or to re-score it; none serving the model is a 503 and nothing is "
+                "charged",
             },
         },
     },
@@ -511,6 +525,10 @@ OPENAPI: JsonSchema = {
                     "input_price_per_million": {"type": "string"},
                     "output_price_per_million": {"type": "string"},
                     "miners": {"type": "integer", "description": "Miners serving it now"},
+                    "vetted_miners": {
+                        "type": "integer",
+                        "description": "Of those, miners the operator vetted (provider.trust)",
+                    },
                 },
             },
         },

@@ -471,6 +471,7 @@ def model_body(card: ModelCard) -> JsonObject:
         "input_price_per_million": credits_per_million(card.input_price_per_mtok),
         "output_price_per_million": credits_per_million(card.output_price_per_mtok),
         "miners": card.miners,
+        "vetted_miners": card.vetted_miners,
     }
 
 

@@ -7,12 +7,14 @@ from typing import get_args
 
 from coordinator.api import ProviderPreferences, ProviderSort
 from coordinator.errors import InvalidRequestError
+from coordinator.privacy import PrivacyPolicy
 
 
 def parse_provider(value: object) -> ProviderPreferences:
-    """OpenRouter's ``provider`` object: ``sort``, ``max_price`` and ``allow_fallbacks`` are
-    honoured; its other keys (order, only, ignore, quantizations, data_collection, ...) name
-    hosting companies and policies this marketplace does not have, and are ignored."""
+    """OpenRouter's ``provider`` object: ``sort``, ``max_price``, ``allow_fallbacks`` and
+    ``data_collection`` are honoured, and our ``trust`` (``"vetted"``: only miners the operator
+    vetted); its other keys (order, only, ignore, quantizations, ...) name hosting companies
+    this marketplace does not have, and are ignored."""
     if value is None:
         return ProviderPreferences()
     if not isinstance(value, dict):
@@ -33,11 +35,24 @@ def parse_provider(value: object) -> ProviderPreferences:
             "provider.max_price must be an object", param="provider.max_price"
         )
     prices = max_price or {}
+    data_collection = value.get("data_collection")
+    if data_collection is not None and data_collection not in ("allow", "deny"):
+        raise InvalidRequestError(
+            'provider.data_collection must be "allow" or "deny"', param="provider.data_collection"
+        )
+    trust = value.get("trust")
+    if trust is not None and trust not in ("any", "vetted"):
+        raise InvalidRequestError(
+            'provider.trust must be "any" or "vetted"', param="provider.trust"
+        )
     return ProviderPreferences(
         sort=sort,
         max_prompt_price=_price_cap(prices.get("prompt"), "prompt"),
         max_completion_price=_price_cap(prices.get("completion"), "completion"),
         allow_fallbacks=fallbacks is not False,
+        privacy=PrivacyPolicy(
+            vetted_only=trust == "vetted", no_retention=data_collection == "deny"
+        ),
     )
 
 

@@ -62,7 +62,12 @@ class IncrementalDetokenizer:
             # window: nothing to emit yet.
             return ""
         if not text.startswith(self._prefix_text):
-            logger.debug("window text does not extend its prefix: %r, %r", self._prefix_text, text)
+            # Lengths only: no log line may hold a buyer's text (README, "Privacy").
+            logger.debug(
+                "window text (%d chars) does not extend its prefix (%d chars)",
+                len(text),
+                len(self._prefix_text),
+            )
         delta = text[len(self._prefix_text) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         self._prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset :])

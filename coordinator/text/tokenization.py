@@ -196,7 +196,10 @@ class ModelTokenizer:
                 **self._template_tokens,
             )
         except TEMPLATE_FAILURES as error:
-            logger.info("chat template of %s rejected a request: %r", self.name, error)
+            # The error's type only: its message may quote the messages (README, "Privacy").
+            logger.info(
+                "chat template of %s rejected a request: %s", self.name, type(error).__name__
+            )
             raise ChatTemplateError(
                 f"the chat template of model '{self.name}' rejected the messages: {error}"
             ) from error

@@ -14,9 +14,10 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from coordinator.gateway.session import MinerSession, ScorerLost
+from coordinator.privacy import Eligible, PrivacyPolicy, anyone, eligibility, nobody_vetted
 from coordinator.registry import MinerRegistry
 from coordinator.verification.judge import Claim, Scores, Thresholds, Verdict, judge_job
 from ledger.interface import AccountRef
@@ -49,6 +50,8 @@ class FinishedJob:
     # The alternatives the miner claimed per token, (id, logprob) most likely first, when the
     # buyer asked for top_logprobs; empty otherwise.
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+    # The buyer's privacy tier: its scorers must meet it as its miner did.
+    privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
 
 def claim_of(finished: FinishedJob, *, vocab_size: int, context_length: int) -> Claim:
@@ -84,9 +87,11 @@ class Scoring:
         is_banned: Callable[[str], bool],
         timeout_s: float,
         rng: random.Random | None = None,
+        is_vetted: Callable[[str], bool] = nobody_vetted,
     ) -> None:
         self._registry = registry
         self._is_banned = is_banned
+        self._is_vetted = is_vetted
         self._timeout_s = timeout_s
         self._rng = rng or random.Random()
 
@@ -94,13 +99,21 @@ class Scoring:
         return self._registry.get(miner_id)
 
     def pick(
-        self, model: str, *, exclude: Collection[str], avoid_devices: Collection[str]
+        self,
+        model: str,
+        *,
+        exclude: Collection[str],
+        avoid_devices: Collection[str],
+        eligible: Eligible = anyone,
     ) -> MinerSession | None:
-        """A scorer for ``model``: not excluded or banned; other hardware and idle preferred."""
+        """A scorer for ``model``: not excluded or banned, admitted by ``eligible`` (the job's
+        privacy tier); other hardware and idle preferred."""
         candidates = [
             session
             for session in self._registry.serving(model)
-            if session.miner_id not in exclude and not self._is_banned(session.miner_id)
+            if session.miner_id not in exclude
+            and not self._is_banned(session.miner_id)
+            and eligible(session)
         ]
         if not candidates:
             return None
@@ -123,8 +136,11 @@ class Scoring:
     ) -> Opinion | None:
         """One new scorer's verdict, or None when no scorer could give one."""
         tried = set(exclude)
+        eligible = eligibility(finished.privacy, is_vetted=self._is_vetted)
         for _ in range(_ATTEMPTS):
-            session = self.pick(finished.job.model, exclude=tried, avoid_devices=avoid_devices)
+            session = self.pick(
+                finished.job.model, exclude=tried, avoid_devices=avoid_devices, eligible=eligible
+            )
             if session is None:
                 return None
             tried.add(session.miner_id)

@@ -378,3 +378,44 @@ async def test_cancel_mid_stream_asks_the_miner_to_stop(
     session, run = await running(catalog, registry, entry)
     run.cancel()
     assert cancelled_ids(outbox_messages(session)) == [run.job.job_id]
+
+
+# --- privacy: only the miners a buyer's tier admits ---------------------------------------------
+
+
+async def test_only_eligible_miners_are_tried(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    preferred, admitted = ranked(catalog, registry, 2)
+    dispatch = dispatcher(registry)
+    assert not dispatch.has_miners(MODEL, eligible=lambda session: False)
+    assert dispatch.has_miners(MODEL, eligible=lambda session: session is admitted)
+    job = make_job(entry)
+    task = asyncio.create_task(dispatch.start(job, eligible=lambda session: session is admitted))
+    await answer_first_token(admitted)
+    run = await asyncio.wait_for(task, WAIT_S)
+    assert run.session is admitted
+    assert outbox_messages(preferred) == []  # the router's favourite never saw the prompt
+    with pytest.raises(NoMinerAvailableError):
+        await dispatch.start(make_job(entry), eligible=lambda session: False)
+
+
+async def test_a_request_waits_for_its_eligible_miner_rather_than_take_a_free_one(
+    catalog: Catalog, registry: MinerRegistry, entry: CatalogEntry
+) -> None:
+    free = make_session(catalog)
+    registry.add(free)
+    admitted = make_session(catalog)
+    admitted.start_job(miner_pb2.Job(job_id="job-holding-the-slot", model=MODEL))
+    outbox_messages(admitted)
+    registry.add(admitted)
+    job = make_job(entry)
+    task = asyncio.create_task(
+        dispatcher(registry).start(job, eligible=lambda session: session is admitted)
+    )
+    await asyncio.sleep(0.02)
+    assert not task.done() and free.active_jobs == 0 and outbox_messages(free) == []
+    _fail(admitted, "job-holding-the-slot")  # its slot frees: the waiting request takes it
+    await answer_first_token(admitted)
+    run = await asyncio.wait_for(task, WAIT_S)
+    assert run.session is admitted and free.active_jobs == 0

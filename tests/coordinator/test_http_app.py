@@ -40,6 +40,7 @@ CARD = ModelCard(
     input_price_per_mtok=150_000,
     output_price_per_mtok=600_000,
     miners=2,
+    vetted_miners=1,
     created=1_700_000_123,
 )
 
@@ -280,6 +281,7 @@ async def test_models_list(client: AsyncOpenAI, service: FakeInferenceService) -
     )
     extra = model.model_extra or {}
     assert extra["context_length"] == 2048 and extra["miners"] == 2
+    assert extra["vetted_miners"] == 1
     assert extra["input_price_per_million"] == "0.15"
     assert extra["output_price_per_million"] == "0.6"
     assert Decimal(extra["pricing"]["prompt"]) * 10**12 == CARD.input_price_per_mtok

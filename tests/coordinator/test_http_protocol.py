@@ -17,6 +17,7 @@ from coordinator.http.protocol import (
     parse_chat_request,
     parse_completion_request,
 )
+from coordinator.privacy import PrivacyPolicy
 
 
 def chat(**fields: Any) -> dict[str, Any]:
@@ -284,12 +285,42 @@ def test_provider_allow_fallbacks_and_unknown_keys() -> None:
                 "only": ["x"],
                 "ignore": ["y"],
                 "quantizations": ["fp8"],
-                "data_collection": "deny",
                 "require_parameters": True,
             }
         )
     )[0].provider
     assert provider == ProviderPreferences(allow_fallbacks=False)
+
+
+def test_provider_privacy_tiers() -> None:
+    def privacy(provider: object) -> PrivacyPolicy:
+        return parse_chat_request(chat(provider=provider))[0].provider.privacy
+
+    assert privacy({}) == PrivacyPolicy() and not PrivacyPolicy().restricted
+    assert privacy({"data_collection": "allow", "trust": "any"}) == PrivacyPolicy()
+    assert privacy({"data_collection": "deny"}) == PrivacyPolicy(no_retention=True)
+    assert privacy({"trust": "vetted"}) == PrivacyPolicy(vetted_only=True)
+    both = privacy({"trust": "vetted", "data_collection": "deny"})
+    assert both.vetted_only and both.no_retention and both.restricted
+    body = {"model": "tiny", "prompt": "p", "provider": {"trust": "vetted"}}
+    assert parse_completion_request(body)[0].provider.privacy.vetted_only
+
+
+def test_a_privacy_policy_admits_only_miners_inside_its_tier() -> None:
+    def admitted(policy: PrivacyPolicy) -> set[tuple[bool, bool]]:
+        return {
+            (vetted, retains)
+            for vetted in (False, True)
+            for retains in (False, True)
+            if policy.admits(vetted=vetted, retains_data=retains)
+        }
+
+    everyone = {(False, False), (False, True), (True, False), (True, True)}
+    assert admitted(PrivacyPolicy()) == everyone
+    assert admitted(PrivacyPolicy(vetted_only=True)) == {(True, False), (True, True)}
+    assert admitted(PrivacyPolicy(no_retention=True)) == {(False, False), (True, False)}
+    assert admitted(PrivacyPolicy(vetted_only=True, no_retention=True)) == {(True, False)}
+    assert "provider.trust: vetted" in PrivacyPolicy(vetted_only=True).describe()
 
 
 def test_max_price_refusal_reasons() -> None:
@@ -319,6 +350,10 @@ def test_max_price_refusal_reasons() -> None:
         ({"max_price": {"completion": float("nan")}}, "provider.max_price.completion"),
         ({"max_price": {"completion": "NaN"}}, "provider.max_price.completion"),
         ({"max_price": {"completion": "-0.5"}}, "provider.max_price.completion"),
+        ({"data_collection": "never"}, "provider.data_collection"),
+        ({"data_collection": False}, "provider.data_collection"),
+        ({"trust": "trusted"}, "provider.trust"),
+        ({"trust": True}, "provider.trust"),
     ],
 )
 def test_provider_rejections_name_the_field(provider: object, param: str) -> None:

@@ -18,11 +18,12 @@ import pytest
 from coordinator.catalog import Catalog, CatalogEntry
 from coordinator.gateway.session import MinerSession
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.privacy import PrivacyPolicy, eligibility
 from coordinator.registry import MinerRegistry
 from coordinator.verification.checker import SpotChecker
 from coordinator.verification.penalties import Penalties
 from coordinator.verification.policy import VerificationConfig, check_rate, scoring_pay, selected
-from coordinator.verification.scoring import FinishedJob, Scoring
+from coordinator.verification.scoring import FinishedJob, Scoring, claim_of
 from coordinator.verification.trust import TrustStore, recent_checks
 from ledger.interface import AccountKind, AccountRef
 from ledger.postgres import PostgresLedger
@@ -362,3 +363,50 @@ async def test_scorers_without_stop_margins_judge_as_before_and_a_wrong_count_is
     assert await market.checker.check(finished) == "skipped"
     await market.miner(honest)  # sends no stop margins, as scorers did before them
     assert await market.checker.check(finished) == "passed"
+
+
+async def test_scorers_of_a_private_job_come_from_its_tier_or_there_is_no_check(
+    market: Market, entry: CatalogEntry
+) -> None:
+    miner, retaining, vetted_retaining, vetted_silent = [await market.miner() for _ in range(4)]
+    vetted_silent.hello.data_retention = miner_pb2.DATA_RETENTION_NONE
+    vetted = {vetted_retaining.miner_id, vetted_silent.miner_id}
+    scoring = Scoring(
+        registry=market.registry,
+        is_banned=lambda miner_id: False,
+        timeout_s=0.5,
+        is_vetted=vetted.__contains__,
+    )
+    finished = await market.settled_job(miner, entry)
+
+    def scorers(policy: PrivacyPolicy) -> set[str]:
+        eligible = eligibility(policy, is_vetted=vetted.__contains__)
+        picked = set()
+        for _ in range(40):
+            session = scoring.pick(
+                entry.name, exclude={miner.miner_id}, avoid_devices=(), eligible=eligible
+            )
+            if session is not None:
+                picked.add(session.miner_id)
+        return picked
+
+    assert scorers(PrivacyPolicy()) == {retaining.miner_id} | vetted
+    assert scorers(PrivacyPolicy(vetted_only=True)) == vetted
+    assert scorers(PrivacyPolicy(vetted_only=True, no_retention=True)) == {vetted_silent.miner_id}
+    assert scorers(PrivacyPolicy(no_retention=True)) == {vetted_silent.miner_id}
+    # A job of a tier nobody else meets is not shown to anyone outside it: no opinion at all.
+    private = dataclasses.replace(finished, privacy=PrivacyPolicy(no_retention=True))
+    claim = claim_of(private, vocab_size=entry.tokenizer.vocab_size, context_length=1 << 16)
+    opinion = await scoring.opinion(
+        private,
+        claim,
+        entry.verification,
+        exclude={miner.miner_id, vetted_silent.miner_id},
+        avoid_devices=(),
+    )
+    assert opinion is None
+    assert all(
+        message.WhichOneof("body") != "score"
+        for session in (retaining, vetted_retaining)
+        for message in market.received[session.miner_id]
+    )

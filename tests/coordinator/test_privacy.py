@@ -1,0 +1,37 @@
+"""Vetted miners live in PostgreSQL; a serving coordinator's memory follows every change."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from coordinator.privacy import VettedMiners
+from tests.coordinator.test_queue import until
+
+
+async def test_vetting_is_stored_and_reported_once(db_pool: asyncpg.Pool[asyncpg.Record]) -> None:
+    store = await VettedMiners.create(db_pool)
+    assert await store.vet("aa" * 32) is True
+    assert await store.vet("aa" * 32) is False  # already vetted
+    assert await store.load() == frozenset({"aa" * 32})
+    assert store.is_vetted("aa" * 32) and not store.is_vetted("bb" * 32)
+    assert await store.unvet("aa" * 32) is True
+    assert await store.unvet("aa" * 32) is False
+    assert await store.load() == frozenset()
+
+
+async def test_a_watching_coordinator_sees_another_process_vet_and_unvet_at_once(
+    db_pool: asyncpg.Pool[asyncpg.Record],
+) -> None:
+    # A long backstop period: only the NOTIFY can bring the change within the wait.
+    serving = await VettedMiners.create(db_pool, refresh_s=3600)
+    operator = await VettedMiners.create(db_pool)  # the `miners vet` CLI
+    miner = "cc" * 32
+    async with serving.watching():
+        assert not serving.is_vetted(miner)
+        await asyncio.sleep(0.1)  # the watcher is listening
+        await operator.vet(miner)
+        await until(lambda: serving.is_vetted(miner))
+        await operator.unvet(miner)
+        await until(lambda: not serving.is_vetted(miner))
