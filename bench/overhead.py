@@ -1,13 +1,16 @@
 """`make bench`: what the coordinator adds over running the engine in-process.
 
-The same workload (K fixed prompts, ``max_tokens`` M, temperature 0) runs twice in one run, at
-each concurrency level:
+The same workload (K fixed prompts, ``max_tokens`` M, temperature 0) runs on each path in one
+run, at each concurrency level:
 
 * **direct**: ``TorchEngine`` in this process, fed the token ids the coordinator would send
   (``ModelTokenizer.encode_prompt``) and the model's stop tokens;
 * **coordinator**: ``meshmint-coordinator serve`` (embedded PostgreSQL in a temporary data
   directory) and one ``meshmint-miner run --max-concurrency C`` as subprocesses, driven over
-  ``/v1/completions`` with the official ``openai`` AsyncOpenAI client, ``stream=True``.
+  ``/v1/completions`` with the official ``openai`` AsyncOpenAI client, ``stream=True``;
+* **tls** (unless ``--no-tls``): the coordinator path again, over HTTPS and TLS gRPC with
+  certificates from ``meshmint-coordinator tls-init`` (the miner and the client trust its CA).
+  The report's TLS column compares it with the plaintext coordinator path of the same run.
 
 The direct path runs first and frees its model before the coordinator path starts, so the two
 never compete for the CPU. The coordinator path's coordinator, miner and client still share the
@@ -31,9 +34,9 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -41,17 +44,15 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from bench.common import (
     load_average,
     model_source,
-    percentile,
     positive_ints,
     unwind_on_signals,
 )
+from bench.overhead_report import report
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,20 +260,27 @@ def wait_for_line(
     raise RuntimeError(f"{log.name}: no line matching {pattern!r} within {timeout:.0f} s")
 
 
-def miners_online(base_url: str, api_key: str) -> int:
+def miners_online(base_url: str, api_key: str, *, context: ssl.SSLContext | None = None) -> int:
     request = urllib.request.Request(
         f"{base_url}/models", headers={"Authorization": f"Bearer {api_key}"}
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
         models = json.loads(response.read())["data"]
     return sum(int(model.get("miners", 0)) for model in models if model["id"] == MODEL_NAME)
 
 
-def wait_for_miners(base_url: str, api_key: str, count: int, timeout: float) -> None:
+def wait_for_miners(
+    base_url: str,
+    api_key: str,
+    count: int,
+    timeout: float,
+    *,
+    context: ssl.SSLContext | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     seen = -1
     while time.monotonic() < deadline:
-        seen = miners_online(base_url, api_key)
+        seen = miners_online(base_url, api_key, context=context)
         if seen == count:
             return
         time.sleep(0.2)
@@ -287,10 +295,19 @@ async def drive(
     concurrency: int,
     max_tokens: int,
     warmup: int,
+    context: ssl.SSLContext | None = None,
 ) -> Batch:
-    from openai import AsyncOpenAI
+    """``context`` verifies an https ``base_url``; the SDK's own client is kept otherwise as
+    is (its timeouts and connection limits), so both coordinator paths differ only in TLS."""
+    from openai import AsyncOpenAI, DefaultAsyncHttpx2Client
 
-    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
+    client = AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key,
+        max_retries=0,
+        timeout=120,
+        http_client=DefaultAsyncHttpx2Client(verify=context) if context is not None else None,
+    )
     try:
 
         async def one(index: int, prompt: str) -> Sample:
@@ -330,19 +347,41 @@ def coordinator_path(
     warmup: int,
     cache_dir: Path,
     work: Path,
+    tls: bool = False,
 ) -> dict[int, Batch]:
+    """With ``tls``: HTTPS and TLS gRPC, certificates from ``tls-init`` (a private CA)."""
+    work.mkdir(parents=True, exist_ok=True)
     processes = Processes(work)
     coordinator_cli, miner_cli = str(BIN / "meshmint-coordinator"), str(BIN / "meshmint-miner")
     storage = ["--data-dir", str(work / "coordinator")]
     model = ["--model", f"{MODEL_NAME}={model_dir}"]
+    serve_tls: list[str] = []
+    miner_tls: list[str] = []
+    context: ssl.SSLContext | None = None
+    if tls:
+        certs = work / "certs"
+        subprocess.run(
+            [coordinator_cli, "tls-init", str(certs), "--host", "127.0.0.1"],
+            check=True,
+            capture_output=True,
+            timeout=STARTUP_TIMEOUT_S,
+        )
+        serve_tls = [
+            "--tls-cert",
+            str(certs / "server.pem"),
+            "--tls-key",
+            str(certs / "server.key"),
+        ]
+        miner_tls = ["--coordinator-ca", str(certs / "ca.pem")]
+        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     results: dict[int, Batch] = {}
     try:
         listen = ["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"]
         coordinator, log = processes.start(
-            [coordinator_cli, "serve", *storage, *listen, *model], "coordinator"
+            [coordinator_cli, "serve", *storage, *listen, *model, *serve_tls], "coordinator"
         )
         ready = wait_for_line(
-            log, r"buyers (http://\S+/v1), miners (\S+)\n", coordinator, STARTUP_TIMEOUT_S
+            log, r"buyers (https?://\S+/v1), miners (\S+)\n", coordinator, STARTUP_TIMEOUT_S
         )
         base_url, grpc_address = ready.group(1), ready.group(2).rstrip(",")
         created = subprocess.run(
@@ -361,10 +400,11 @@ def coordinator_path(
                     *("--key", str(work / "miner.key"), "--device", "cpu"),
                     *("--cache-dir", str(cache_dir)),
                     *("--max-concurrency", str(level)),
+                    *miner_tls,
                 ],
                 f"miner-c{level}",
             )
-            wait_for_miners(base_url, api_key, 1, STARTUP_TIMEOUT_S)
+            wait_for_miners(base_url, api_key, 1, STARTUP_TIMEOUT_S, context=context)
             results[level] = asyncio.run(
                 drive(
                     base_url,
@@ -373,10 +413,11 @@ def coordinator_path(
                     concurrency=level,
                     max_tokens=max_tokens,
                     warmup=warmup,
+                    context=context,
                 )
             )
             processes.stop(miner)
-            wait_for_miners(base_url, api_key, 0, STARTUP_TIMEOUT_S)
+            wait_for_miners(base_url, api_key, 0, STARTUP_TIMEOUT_S, context=context)
     except BaseException:
         processes.dump_logs()
         raise
@@ -385,80 +426,11 @@ def coordinator_path(
     return results
 
 
-# --- report -----------------------------------------------------------------------------------
-
-
-def mismatches(direct: Batch, coordinator: Batch, prompts: Sequence[str]) -> list[str]:
-    problems = []
-    for prompt, a, b in zip(prompts, direct.samples, coordinator.samples, strict=True):
-        if a is not None and b is not None and (a.tokens != b.tokens or a.text != b.text):
-            problems.append(
-                f"{prompt!r}: direct {a.tokens} tokens {a.text[:40]!r}, "
-                f"coordinator {b.tokens} tokens {b.text[:40]!r}"
-            )
-    return problems
-
-
-def summary(direct: Batch, coordinator: Batch) -> dict[str, float]:
-    def ms(batch: Batch, field: str, q: float) -> float:
-        return 1000 * percentile([getattr(sample, field) for sample in batch.done], q)
-
-    figures = {
-        "ttft_p50_direct_ms": ms(direct, "ttft_s", 50),
-        "ttft_p50_coordinator_ms": ms(coordinator, "ttft_s", 50),
-        "ttft_p99_direct_ms": ms(direct, "ttft_s", 99),
-        "ttft_p99_coordinator_ms": ms(coordinator, "ttft_s", 99),
-        "e2e_p50_direct_ms": ms(direct, "e2e_s", 50),
-        "e2e_p50_coordinator_ms": ms(coordinator, "e2e_s", 50),
-        "tokens_per_s_direct": direct.tokens_per_s,
-        "tokens_per_s_coordinator": coordinator.tokens_per_s,
-        "completion_tokens_direct": float(direct.tokens),
-        "completion_tokens_coordinator": float(coordinator.tokens),
-        "failed_direct": float(len(direct.errors)),
-        "failed_coordinator": float(len(coordinator.errors)),
-    }
-    for key in ("ttft_p50", "ttft_p99", "e2e_p50"):
-        figures[f"{key}_added_ms"] = figures[f"{key}_coordinator_ms"] - figures[f"{key}_direct_ms"]
-    figures["throughput_ratio"] = coordinator.tokens_per_s / direct.tokens_per_s
-    return figures
-
-
-def table(level: int, figures: dict[str, float]) -> str:
-    rows = [
-        ("TTFT p50 (ms)", "ttft_p50"),
-        ("TTFT p99 (ms)", "ttft_p99"),
-        ("end-to-end p50 (ms)", "e2e_p50"),
-    ]
-    lines = [
-        f"concurrency {level}: completion tokens {figures['completion_tokens_direct']:.0f} direct, "
-        f"{figures['completion_tokens_coordinator']:.0f} coordinator; failed requests "
-        f"{figures['failed_direct']:.0f} direct, {figures['failed_coordinator']:.0f} coordinator",
-        f"  {'':22}{'direct':>10}{'coordinator':>13}{'added':>10}",
-    ]
-    for label, key in rows:
-        lines.append(
-            f"  {label:22}{figures[key + '_direct_ms']:10.1f}"
-            f"{figures[key + '_coordinator_ms']:13.1f}{figures[key + '_added_ms']:+10.1f}"
-        )
-    lines.append(
-        f"  {'tokens/s':22}{figures['tokens_per_s_direct']:10.1f}"
-        f"{figures['tokens_per_s_coordinator']:13.1f}"
-        f"{'':3}ratio {figures['throughput_ratio']:.2f}"
-    )
-    return "\n".join(lines)
-
-
-def _timings(sample: Sample | None) -> dict[str, float] | None:
-    if sample is None:
-        return None
-    return {"ttft_s": sample.ttft_s, "e2e_s": sample.e2e_s, "tokens": sample.tokens}
-
-
 def measure(
     args: argparse.Namespace, prompts: Sequence[str], work: Path
-) -> tuple[dict[int, Batch], dict[int, Batch], list[str]]:
-    """Both paths, one after the other: direct and coordinator batches by concurrency level,
-    and the errors the coordinator and miners logged."""
+) -> tuple[dict[str, dict[int, Batch]], list[str]]:
+    """Every path, one after the other: batches by path and concurrency level, and the errors
+    the coordinators and miners logged."""
     model_dir = model_source(args.model, work)
     print(
         f"model {model_dir}, {len(prompts)} requests x max_tokens {args.max_tokens}, "
@@ -476,67 +448,16 @@ def measure(
     print(f"   {time.perf_counter() - started:.1f} s")
     print("== coordinator: meshmint-coordinator + 1 meshmint-miner, AsyncOpenAI streaming")
     started = time.perf_counter()
-    through = coordinator_path(model_dir, prompts, work=work, **options)
+    through = coordinator_path(model_dir, prompts, work=work / "plain", **options)
     print(f"   {time.perf_counter() - started:.1f} s")
-    return direct, through, logged_errors(work)
-
-
-def report(
-    args: argparse.Namespace,
-    prompts: Sequence[str],
-    direct: dict[int, Batch],
-    through: dict[int, Batch],
-    server_errors: Sequence[str],
-    load: tuple[float, float],
-) -> bool:
-    """Prints the tables, writes --json; False when a request failed or the paths disagreed."""
-    import torch
-
-    ok = True
-    figures_by_level: dict[str, Any] = {}
-    print()
-    for level in args.concurrency:
-        problems = mismatches(direct[level], through[level], prompts)
-        for problem in problems:
-            print(f"MISMATCH at concurrency {level}: {problem}", file=sys.stderr)
-        for path, batch in (("direct", direct[level]), ("coordinator", through[level])):
-            for error in batch.errors:
-                print(f"FAILED at concurrency {level}, {path}: {error}", file=sys.stderr)
-        ok = ok and not problems and not direct[level].errors and not through[level].errors
-        figures = summary(direct[level], through[level])
-        figures_by_level[str(level)] = {
-            **figures,
-            "mismatches": len(problems),
-            "errors": {"direct": direct[level].errors, "coordinator": through[level].errors},
-            "direct": [_timings(sample) for sample in direct[level].samples],
-            "coordinator": [_timings(sample) for sample in through[level].samples],
-        }
-        print(table(level, figures))
-        print()
-    for error in server_errors:
-        print(f"SERVER ERROR {error}", file=sys.stderr)
-    ok = ok and not server_errors
-    print("TTFT = first visible text; added = coordinator - direct; ratio = coordinator/direct.")
-    print("The coordinator path's coordinator, miner and client share this machine's cores.")
-    print(f"load average (1 min) before {load[0]:.2f}, after {load[1]:.2f}")
-    if args.json:
-        document = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before_after": list(load),
-            "model": args.model,
-            "requests": len(prompts),
-            "max_tokens": args.max_tokens,
-            "levels": figures_by_level,
-            "server_errors": list(server_errors),
-        }
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
-    if not ok:
-        print("FAILED: a request or the server failed, or the paths disagreed", file=sys.stderr)
-    return ok
+    paths = {"direct": direct, "coordinator": through}
+    if args.tls:
+        print("== tls: the same over HTTPS and TLS gRPC (tls-init's private CA)")
+        started = time.perf_counter()
+        paths["tls"] = coordinator_path(model_dir, prompts, work=work / "tls", tls=True, **options)
+        print(f"   {time.perf_counter() - started:.1f} s")
+    errors = [error for name in ("plain", "tls") for error in logged_errors(work / name)]
+    return paths, errors
 
 
 def main() -> int:
@@ -568,6 +489,12 @@ def main() -> int:
         help="torch (OpenMP) threads per forward pass on both paths; 0: torch's default, one per "
         "core (default 1: see docs/benchmarks.md)",
     )
+    parser.add_argument(
+        "--no-tls",
+        dest="tls",
+        action="store_false",
+        help="skip the third path: the coordinator over HTTPS and TLS gRPC",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     if args.requests < 1 or args.max_tokens < 1 or args.warmup < 0 or args.torch_threads < 0:
@@ -583,9 +510,9 @@ def main() -> int:
     load_before = load_average(warn=True)
     prompts = workload(args.requests)
     with tempfile.TemporaryDirectory(prefix="meshmint-bench-") as temp:
-        direct, through, server_errors = measure(args, prompts, Path(temp))
+        paths, server_errors = measure(args, prompts, Path(temp))
     load = (load_before, load_average())
-    ok = report(args, prompts, direct, through, server_errors, load)
+    ok = report(args, prompts, paths, server_errors, load)
     return 0 if ok else 1
 
 
