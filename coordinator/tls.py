@@ -95,9 +95,9 @@ class TlsConfig:
 class _Loaded:
     """The files as last read successfully."""
 
-    http: KeyPair | None
-    grpc: KeyPair | None
-    client_ca_pem: bytes | None = field(repr=False)
+    http: KeyPair | None  # the HTTPS pair; None: plain HTTP
+    grpc: KeyPair | None  # the gateway's pair (the same object as http when shared)
+    client_ca_pem: bytes | None = field(repr=False)  # --client-ca's certificates, for mTLS
 
 
 class ServerTls:
