@@ -16,8 +16,14 @@ def _number(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-async def miners_report(pool: asyncpg.Pool[asyncpg.Record], *, fresh_within_s: float = 15.0) -> str:
-    """Connected miners with their models, load, measured speed and spot-check record."""
+async def miners_report(
+    pool: asyncpg.Pool[asyncpg.Record],
+    *,
+    vetted: frozenset[str] = frozenset(),
+    fresh_within_s: float = 15.0,
+) -> str:
+    """Connected miners with their models, load, measured speed and spot-check record; a
+    miner in ``vetted`` (``miners vet``) is marked so in its status."""
     miners = await connected_miners(pool, fresh_within_s=fresh_within_s)
     trust = {record.miner_id: record for record in await list_identities(pool)}
     config = VerificationConfig()
@@ -34,7 +40,9 @@ async def miners_report(pool: asyncpg.Pool[asyncpg.Record], *, fresh_within_s: f
             else "0/0"
         )
         rate = check_rate(record.consecutive_valid if record else 0, config)
-        status = "draining" if miner.draining else "serving"
+        status = ("draining" if miner.draining else "serving") + (
+            ", vetted" if miner.miner_id in vetted else ""
+        )
         lines.append(
             f"{miner.miner_id[:16]:<16} {','.join(miner.models)[:24]:<24} "
             f"{miner.device[:20]:<20} {f'{miner.active_jobs}/{miner.max_concurrency}':>7} "

@@ -23,6 +23,7 @@ from coordinator.dispatch import DispatchConfig
 from coordinator.gateway.config import GatewayConfig
 from coordinator.keys import KeyStore
 from coordinator.limits import LimitsConfig
+from coordinator.privacy import VettedMiners
 from coordinator.service import BillingConfig
 from coordinator.tls import CertificateFiles, TlsConfig
 from coordinator.tls_init import SERVER_DAYS, init_tls
@@ -70,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the coordinator")
     storage(serve)
+    # Also after `serve` (where operators look for it); SUPPRESS keeps the top-level value
+    # when it is given before the command instead.
+    serve.add_argument(
+        "--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR"
+    )
     serve.add_argument("--http", type=_address, default=("127.0.0.1", 8000), metavar="HOST:PORT")
     serve.add_argument("--grpc", type=_address, default=("127.0.0.1", 50051), metavar="HOST:PORT")
     tls = serve.add_argument_group(
@@ -231,8 +237,18 @@ def _parser() -> argparse.ArgumentParser:
         help="validity of the server and client certificates (default %(default)s)",
     )
 
-    miners = commands.add_parser("miners", help="connected miners: models, load, speed, trust")
+    miners = commands.add_parser(
+        "miners",
+        help="connected miners (list), or vet / unvet one for buyers' provider.trust: vetted",
+    )
     storage(miners)
+    miners.add_argument("action", nargs="?", choices=("list", "vet", "unvet"), default="list")
+    miners.add_argument(
+        "miner_id",
+        nargs="?",
+        metavar="MINER_ID",
+        help="for vet and unvet: the miner's id (64 hex digits, as `meshmint-miner id` prints)",
+    )
 
     checks = commands.add_parser("checks", help="spot-check results per miner identity")
     storage(checks)
@@ -346,9 +362,28 @@ async def _checks(args: argparse.Namespace) -> None:
 
 
 async def _miners(args: argparse.Namespace) -> None:
+    if args.action == "list":
+        if args.miner_id is not None:
+            raise UsageError("miners list takes no MINER_ID")
+    elif not _is_miner_id(args.miner_id):
+        raise UsageError(f"miners {args.action} needs a MINER_ID of 64 hex digits")
     data_dir, database_url = _storage(args)
     async with connect(database_url=database_url, data_dir=data_dir, max_size=2) as pool:
-        sys.stdout.write(await miners_report(pool))
+        vetted = await VettedMiners.create(pool)
+        if args.action == "list":
+            sys.stdout.write(await miners_report(pool, vetted=await vetted.load()))
+            return
+        miner_id = args.miner_id.lower()
+        if args.action == "vet":
+            changed = await vetted.vet(miner_id)
+            sys.stdout.write(f"{miner_id} {'vetted' if changed else 'was already vetted'}\n")
+        else:
+            changed = await vetted.unvet(miner_id)
+            sys.stdout.write(f"{miner_id} {'unvetted' if changed else 'was not vetted'}\n")
+
+
+def _is_miner_id(text: str | None) -> bool:
+    return text is not None and len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 async def _list_keys(args: argparse.Namespace, keys: KeyStore, ledger: PostgresLedger) -> str:

@@ -24,6 +24,7 @@ from coordinator.keys import KeyStore
 from coordinator.limits import RateLimiter
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.miner_snapshot import MinerSnapshots
+from coordinator.privacy import VettedMiners
 from coordinator.receipts import LedgerReceipts
 from coordinator.registry import MinerRegistry
 from coordinator.router import Router, trust_from_record
@@ -93,6 +94,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             miner_counts=lambda: {name: len(registry.serving(name)) for name in catalog.names()}
         )
         trust = await TrustStore.create(pool)
+        vetted = await VettedMiners.create(pool)
         router = Router(trust=lambda miner_id: trust_from_record(trust.get(miner_id)))
         dispatcher = Dispatcher(config.dispatch, registry=registry, router=router, metrics=metrics)
         checker = SpotChecker(
@@ -103,6 +105,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
                 registry=registry,
                 is_banned=trust.is_banned,
                 timeout_s=config.verification.score_timeout_s,
+                is_vetted=vetted.is_vetted,
             ),
             penalties=Penalties(
                 config.verification,
@@ -129,6 +132,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             metrics=metrics,
             limits=RateLimiter(config.limits),
             on_finished=checker.submit,
+            is_vetted=vetted.is_vetted,
         )
 
         async def open_miner_account(session: MinerSession) -> None:
@@ -187,6 +191,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             snapshots = MinerSnapshots(pool, registry=registry, interval_s=2.0)
             async with (
                 keys.watching(),  # authentications served from memory, revocations heard at once
+                vetted.watching(),  # `miners vet`/`unvet` from any process, heard at once
                 checkpoints,
                 receipts.running(),
                 checker.running(),

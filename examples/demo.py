@@ -20,12 +20,13 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from openai import OpenAI
+from openai import DefaultHttpx2Client, OpenAI
 
 from miner.packaged_models import SMOLLM2_NAME, smollm2_gguf
 
@@ -98,7 +99,7 @@ def _wait_for_miners(client: OpenAI, model: str, count: int, timeout: float) -> 
     raise RuntimeError(f"{count} miners did not connect within {timeout:.0f} s")
 
 
-def run(work: Path, *, tiny: bool) -> None:
+def run(work: Path, *, tiny: bool, tls: bool) -> None:
     model, source = _prepare_model(work, tiny=tiny)
     print(f"== model {model}: {source}")
     state = work / "run"
@@ -106,6 +107,25 @@ def run(work: Path, *, tiny: bool) -> None:
     state.mkdir(parents=True)
     data_dir = state / "coordinator"
     processes: list[subprocess.Popen[bytes]] = []
+    serve_tls: list[str] = []
+    miner_tls: list[str] = []
+    verify: ssl.SSLContext | None = None
+    if tls:
+        certs = state / "tls"
+        print("== writing a private CA and a certificate for 127.0.0.1 (tls-init)")
+        subprocess.run(
+            [_tool("meshmint-coordinator"), "tls-init", str(certs), "--host", "127.0.0.1"],
+            check=True,
+            capture_output=True,
+        )
+        serve_tls = [
+            "--tls-cert",
+            str(certs / "server.pem"),
+            "--tls-key",
+            str(certs / "server.key"),
+        ]
+        miner_tls = ["--coordinator-ca", str(certs / "ca.pem")]
+        verify = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     try:
         print("== starting the coordinator (embedded PostgreSQL under", data_dir, ")")
         coordinator_log = state / "coordinator.log"
@@ -126,12 +146,13 @@ def run(work: Path, *, tiny: bool) -> None:
                 "2",
                 "--output-price",
                 "6",
+                *serve_tls,
             ],
             coordinator_log,
         )
         processes.append(coordinator)
         ready = _wait_for_line(
-            coordinator_log, r"buyers (http://\S+/v1), miners (\S+)\n", coordinator, timeout=120
+            coordinator_log, r"buyers (https?://\S+/v1), miners (\S+)\n", coordinator, timeout=120
         )
         base_url, grpc_address = ready.group(1), ready.group(2).rstrip(",")
         print(f"   buyers: {base_url}   miners: {grpc_address}")
@@ -153,6 +174,7 @@ def run(work: Path, *, tiny: bool) -> None:
                         # Shared and kept across runs: the conversion happens once, ever.
                         "--cache-dir",
                         str(work / "model-cache"),
+                        *miner_tls,
                     ],
                     log,
                 )
@@ -179,7 +201,11 @@ def run(work: Path, *, tiny: bool) -> None:
             .stdout.strip()
             .splitlines()[-1]
         )
-        client = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
+        # The SDK's own httpx2 client, told which CA signed the coordinator's certificate.
+        http_client = DefaultHttpx2Client(verify=verify) if verify is not None else None
+        client = OpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=120, http_client=http_client
+        )
         _wait_for_miners(client, model, 2, timeout=600)
         before = _balances(data_dir)
 
@@ -271,9 +297,14 @@ def main() -> int:
         action="store_true",
         help="use the random test model instead of SmolLM2 (fast, gibberish answers)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve buyers and miners over TLS with a private CA from `tls-init`",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(args.work_dir, tiny=args.tiny)
+    run(args.work_dir, tiny=args.tiny, tls=args.tls)
     print("done")
     return 0
 

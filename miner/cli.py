@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="plaintext even to a coordinator that is not on this machine",
     )
     run.add_argument(
+        "--retains-data",
+        action="store_true",
+        help="declare that prompts or completions may be kept here (logged, stored); buyers "
+        'who send provider.data_collection "deny" are then never routed to this miner',
+    )
+    run.add_argument(
         "--model",
         action="append",
         required=True,
@@ -288,6 +294,7 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
             drain_timeout_s=args.drain_timeout,
             witness_dir=default_witness_dir(key_path),
             cache_dir=args.cache_dir or default_cache_dir(key_path),
+            retains_data=args.retains_data,
             tls=CoordinatorTls(
                 ca_file=args.coordinator_ca,
                 cert_file=args.tls_cert,

@@ -73,6 +73,9 @@ class MinerConfig:
     cache_dir: Path | None = None
     # TLS to the coordinator: on by default off loopback (the rule is in miner/tls.py).
     tls: CoordinatorTls = field(default_factory=CoordinatorTls)
+    # Declared in the hello: whether this miner may keep prompts or completions (logs,
+    # datasets). True keeps it away from buyers who send provider.data_collection "deny".
+    retains_data: bool = False
 
     def __post_init__(self) -> None:
         parse_coordinator(self.coordinator)

@@ -105,6 +105,9 @@ class MinerDaemon:
             hardware=self._hardware,
             models=models,
             max_concurrency=self._config.max_concurrency,
+            data_retention=miner_pb2.DATA_RETENTION_RETAINS
+            if self._config.retains_data
+            else miner_pb2.DATA_RETENTION_NONE,
         )
 
     async def run(self) -> None:

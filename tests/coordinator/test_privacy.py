@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import asyncpg
+import pytest
 
+from coordinator import cli
 from coordinator.privacy import VettedMiners
 from tests.coordinator.test_queue import until
 
@@ -35,3 +38,15 @@ async def test_a_watching_coordinator_sees_another_process_vet_and_unvet_at_once
         await until(lambda: serving.is_vetted(miner))
         await operator.unvet(miner)
         await until(lambda: not serving.is_vetted(miner))
+
+
+def test_vetting_a_malformed_miner_id_is_refused_before_any_database(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    data = ["--data-dir", str(tmp_path / "never-created")]
+    assert cli.main(["miners", "vet", "alice", *data]) == 2
+    assert "needs a MINER_ID of 64 hex digits" in capsys.readouterr().err
+    assert cli.main(["miners", "unvet", *data]) == 2
+    assert cli.main(["miners", "list", "ab" * 32, *data]) == 2
+    assert "takes no MINER_ID" in capsys.readouterr().err
+    assert not (tmp_path / "never-created").exists()

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from ledger.checkpoint import CheckpointSigner, parse_verifier_key
 from ledger.cli import main
 from ledger.entry import decode_entry
 from tests.ledger.test_audit import ORIGIN, SIGNER, Sequencer, busy_log
+from tests.tls_certs import issue, make_ca, write_ca
 
 KEY = OperatorKey(ORIGIN, SIGNER.verifier_key)
 
@@ -292,3 +294,29 @@ def test_cli_unreachable_coordinator(capsys: pytest.CaptureFixture[str]) -> None
     status, out, err = cli(capsys, "--coordinator", f"127.0.0.1:{port}")
     assert status == 2 and out == "" and err.count("\n") == 1
     assert f"cannot audit http://127.0.0.1:{port}" in err
+
+
+async def test_cli_over_https_trusts_the_ca_it_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = make_ca()
+    cert, key = issue(ca, "server", hosts=["127.0.0.1"]).write(tmp_path, "server")
+    ca_file = write_ca(ca, tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    log = busy_log(20)
+    runner = web.AppRunner(Coordinator(log, entries=list(log.entries)).app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        trusted = await asyncio.to_thread(cli, capsys, "--coordinator", url, "--ca", str(ca_file))
+        assert trusted[0] == 0, trusted
+        status, _, err = await asyncio.to_thread(cli, capsys, "--coordinator", url)
+        assert status == 2 and "CERTIFICATE_VERIFY_FAILED" in err and "Traceback" not in err
+        unreadable = tmp_path / "missing.pem"
+        status, _, err = cli(capsys, "--coordinator", url, "--ca", str(unreadable))
+        assert status == 2 and f"--ca {unreadable}: not a readable PEM certificate" in err
+    finally:
+        await runner.cleanup()
