@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -29,7 +29,7 @@ from miner.config import (
     parse_coordinator,
     parse_model_spec,
 )
-from miner.engine.base import Engine, ModelLoadError
+from miner.engine.base import Engine, EngineLoader, ModelLoadError
 from miner.errors import IdentityError, MinerRefusedError
 from miner.identity import Identity, load_or_create_identity
 from miner.tls import CoordinatorTls, channel_credentials
@@ -346,7 +346,7 @@ async def _serve(config: MinerConfig, *, identity: Identity) -> None:
             await daemon.run()
 
 
-def _engine_loader(kind: str) -> Callable[..., AbstractAsyncContextManager[Engine]]:
+def _engine_loader(kind: str) -> EngineLoader:
     """The ``load`` of the engine named ``kind`` (imported here: torch and vLLM are slow to
     import, and vLLM is optional)."""
     if kind == "vllm":

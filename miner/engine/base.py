@@ -8,7 +8,9 @@ the same protocol. Engines generate from token ids: they never see text.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 DEFAULT_MAX_BATCH_TOKENS = 512
@@ -164,3 +166,24 @@ class Engine(Protocol):
         kept. Raises :class:`GenerationError` for a request that cannot be scored.
         """
         ...
+
+
+class EngineLoader(Protocol):
+    """How the miner starts an engine: ``TorchEngine.load`` and ``VllmEngine.load``.
+
+    Loads ``source`` (a Hugging Face directory, or a GGUF file converted once into
+    ``cache_dir``) and yields the engine; frees it on exit. Raises :class:`ModelLoadError`.
+    """
+
+    def __call__(
+        self,
+        name: str,
+        source: Path,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_concurrency: int = 1,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        kv_cache_tokens: int | None = None,
+        cache_dir: Path | None = None,
+    ) -> AbstractAsyncContextManager[Engine]: ...
