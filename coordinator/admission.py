@@ -14,7 +14,10 @@ committed holds took since that read. Concretely, ``available`` is decreased by 
 maximum at admission and increased by the unused part when it finishes. It is exact because
 one coordinator process places every hold (a second coordinator on the same database refuses
 to start: docs/ledger.md); money arriving from elsewhere (``credits add``, refunds) only makes
-it low, and a request the estimate refuses re-reads the balance before it is refused. So:
+it low, and a request the estimate refuses re-reads the balance before it is refused. A balance
+read that overlaps a settlement cannot tell whether the returned part is in it, so that
+settlement marks the estimate stale instead of adding to it, and the next request reads again.
+So:
 
 - a buyer is never refused for want of credits it has;
 - a buyer can never spend more than it has: the durable hold is still the authority (the
@@ -54,10 +57,11 @@ class _Account:
     pending: int = 0  # maximum costs admitted whose durable hold has not committed yet
     in_flight: int = 0  # admitted requests not finished yet
     commits: int = 0  # holds that committed so far: a balance read that saw one change re-reads
+    reads: int = 0  # balance reads so far: a settlement in flight across one is ambiguous
     stale: bool = False  # a hold failed, so the estimate was wrong: read the balance again
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # by identity: two requests may admit the same amount
 class Admission:
     """One admitted request; hand it back to :meth:`CreditGuard.finished` exactly once."""
 
@@ -79,6 +83,9 @@ class CreditGuard:
         self._max_accounts = max_accounts
         self._accounts: dict[AccountRef, _Account] = {}
         self._lock = asyncio.Lock()  # one balance read at a time: reads and admissions interleave
+        # Admissions whose hold is being settled or released, with their account's read count
+        # when that began (see finished()).
+        self._settling: dict[Admission, int] = {}
 
     async def available(self, account: AccountRef) -> int:
         """What the account can commit to a new request now, from a fresh read of its balance.
@@ -110,6 +117,13 @@ class CreditGuard:
             state.pending -= admission.amount
             state.commits += 1
 
+    def settling(self, admission: Admission) -> None:
+        """The request's hold is about to be settled or released in the ledger; call
+        :meth:`finished` once that is over."""
+        state = self._accounts.get(admission.account)
+        if state is not None:
+            self._settling[admission] = state.reads
+
     def cancel(self, admission: Admission) -> None:
         """The request ended before its durable hold was placed: all of it is free again."""
         state = self._accounts.get(admission.account)
@@ -125,11 +139,16 @@ class CreditGuard:
         ``held`` False: its durable hold never committed (refused or failed); the estimate was
         wrong, so it is dropped and the next request reads the balance again.
         """
+        reads_before = self._settling.pop(admission, None)
         state = self._accounts.get(admission.account)
         if state is None:
             return
         state.in_flight -= 1
-        if held:
+        if held and reads_before is not None and reads_before != state.reads:
+            # A balance read ran while the ledger settled: it may already count the unused part
+            # (adding it again would admit beyond the balance) or not. Read again instead.
+            state.stale = True
+        elif held:
             state.available += admission.amount - charged
         else:
             state.pending -= admission.amount
@@ -153,6 +172,7 @@ class CreditGuard:
             # Holds that committed are in the balance; the ones still pending are not.
             state.available = balance - state.pending
             state.stale = False
+            state.reads += 1
             logger.debug("balance of %s read: %d, available %d", account, balance, state.available)
             return state
 

@@ -409,6 +409,8 @@ class MarketplaceService:
                     )
                     if completion is not None:
                         completion.unbillable = True
+            if admission is not None and hold is not None:
+                self._credit.settling(admission)
             charged = await self._settle(buyer, hold, entry, completion)
         finally:
             if admission is not None and pending_hold is None:

@@ -120,6 +120,24 @@ async def test_a_hold_committing_during_a_read_is_counted_once() -> None:
     assert ledger.reads == reads_before + 2
 
 
+async def test_a_settlement_that_a_read_already_counts_is_not_added_again() -> None:
+    ledger = Balances(buyer=1000)
+    guard = CreditGuard(ledger.read)
+    first = await guard.admit(BUYER, 100)
+    ledger.balances[BUYER] -= 100  # its hold commits
+    guard.held(first)
+    other = await guard.admit(BUYER, 100)  # keeps the account's estimate in use
+    guard.settling(first)
+    ledger.balances[BUYER] += 60  # the settlement commits: 40 charged, 60 back
+    assert await guard.available(BUYER) == 860  # a read between the commit and finished()
+    guard.finished(first, charged=40, held=True)
+    # Adding the 60 again would make 920 and admit 900 beyond the 860 the buyer has.
+    with pytest.raises(CreditsShortError) as refused:
+        await guard.admit(BUYER, 900)
+    assert refused.value.available == 860
+    guard.finished(other, charged=0, held=False)
+
+
 async def test_idle_estimates_are_evicted_beyond_the_bound() -> None:
     ledger = Balances(buyer=10, other=10)
     guard = CreditGuard(ledger.read, max_accounts=2)
@@ -162,6 +180,7 @@ async def test_the_estimate_follows_the_real_ledger(
             guard.held(admission)
             await asyncio.sleep(rng.random() / 100)
             charged = rng.randrange(0, amount + 1)
+            guard.settling(admission)
             if charged:
                 await ledger.settle(
                     hold, miner=MINER, miner_credit=charged, fee=0, reference=b"r" * 32
