@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from coordinator.admin_report import keys_report, miners_report
-from coordinator.config import CatalogSource, CoordinatorConfig
+from coordinator.config import CatalogSource, CoordinatorConfig, join_host_port
 from coordinator.dispatch import DispatchConfig
 from coordinator.gateway.config import GatewayConfig
 from coordinator.keys import KeyStore
@@ -303,8 +303,9 @@ async def _serve(config: CoordinatorConfig) -> None:
         # sees the SSL context half-loaded.
         loop.add_signal_handler(signal.SIGHUP, running.tls.reload)
         sys.stdout.write(
-            f"meshmint coordinator: buyers {running.tls.http_scheme}://{config.http_host}:"
-            f"{running.http_port}/v1, miners {config.grpc_host}:{running.grpc_port}\n"
+            f"meshmint coordinator: buyers {running.tls.http_scheme}://"
+            f"{join_host_port(config.http_host, running.http_port)}/v1, "
+            f"miners {join_host_port(config.grpc_host, running.grpc_port)}\n"
         )
         sys.stdout.flush()
         await stop.wait()

@@ -54,3 +54,8 @@ class CoordinatorConfig:
     @property
     def signing_key_path(self) -> Path:
         return self.ledger_key_path or self.data_dir / "ledger.key"
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``HOST:PORT`` as gRPC and URLs take it: an IPv6 address in brackets (``[::1]:50051``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -12,7 +12,7 @@ import grpc
 from aiohttp import web
 
 from coordinator.catalog import Catalog, catalog_from_specs, load_catalog
-from coordinator.config import CatalogSource, CoordinatorConfig
+from coordinator.config import CatalogSource, CoordinatorConfig, join_host_port
 from coordinator.dispatch import Dispatcher
 from coordinator.gateway.servicer import MinerGateway
 from coordinator.gateway.session import MinerSession
@@ -156,7 +156,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             ]
         )
         miner_pb2_grpc.add_MinerGatewayServicer_to_server(gateway, grpc_server)
-        grpc_address = f"{config.grpc_host}:{config.grpc_port}"
+        grpc_address = join_host_port(config.grpc_host, config.grpc_port)
         if tls.grpc_credentials is None:
             grpc_port = grpc_server.add_insecure_port(grpc_address)
         else:
