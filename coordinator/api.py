@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal, Protocol
 
+from coordinator.dispatch.privacy import PrivacyPolicy
 from coordinator.errors import LimitKind, RateLimitState
-from coordinator.privacy import PrivacyPolicy
 from ledger.public import BalanceSnapshot
 
 FinishReason = Literal["stop", "length"]

@@ -17,13 +17,13 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from coordinator.admin_report import keys_report, miners_report
+from coordinator.billing.keys import KeyStore
+from coordinator.billing.limits import LimitsConfig
 from coordinator.config import CatalogSource, CoordinatorConfig, join_host_port
-from coordinator.dispatch import DispatchConfig
+from coordinator.dispatch.dispatcher import DispatchConfig
+from coordinator.dispatch.privacy import VettedMiners
 from coordinator.gateway.config import GatewayConfig
-from coordinator.keys import KeyStore
-from coordinator.limits import LimitsConfig
-from coordinator.privacy import VettedMiners
+from coordinator.ops.admin_report import keys_report, miners_report
 from coordinator.service import BillingConfig
 from coordinator.tls import CertificateFiles, TlsConfig
 from coordinator.tls_init import SERVER_DAYS, init_tls

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from coordinator.api import FinishReason, TextDelta, TokenLogprob, Usage
 from coordinator.catalog import CatalogEntry, request_cost
-from coordinator.dispatch import MinerRun
+from coordinator.dispatch.dispatcher import MinerRun
 from coordinator.errors import LimitKind, RateLimitState, UpstreamError
 from coordinator.text.detokenizer import IncrementalDetokenizer
 from coordinator.text.stop import StopMatcher

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.dispatch import DispatchConfig
+from coordinator.billing.limits import LimitsConfig
+from coordinator.dispatch.dispatcher import DispatchConfig
 from coordinator.gateway.config import GatewayConfig
-from coordinator.limits import LimitsConfig
 from coordinator.service import BillingConfig
 from coordinator.tls import TlsConfig
 from coordinator.verification.policy import VerificationConfig

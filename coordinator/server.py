@@ -11,26 +11,26 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 
+from coordinator.billing.job_log import JobLog
+from coordinator.billing.keys import KeyStore
+from coordinator.billing.limits import RateLimiter
+from coordinator.billing.receipts import LedgerReceipts
+from coordinator.billing.usage import UsageService
 from coordinator.catalog import Catalog, catalog_from_specs, load_catalog
 from coordinator.config import CatalogSource, CoordinatorConfig, join_host_port
-from coordinator.dispatch import Dispatcher
+from coordinator.dispatch.dispatcher import Dispatcher
+from coordinator.dispatch.privacy import VettedMiners
+from coordinator.dispatch.registry import MinerRegistry
+from coordinator.dispatch.router import Router, trust_from_record
 from coordinator.gateway.servicer import MinerGateway
 from coordinator.gateway.session import MinerSession
 from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.http.usage_routes import add_usage_routes
-from coordinator.job_log import JobLog
-from coordinator.keys import KeyStore
-from coordinator.limits import RateLimiter
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.miner_snapshot import MinerSnapshots
-from coordinator.privacy import VettedMiners
-from coordinator.receipts import LedgerReceipts
-from coordinator.registry import MinerRegistry
-from coordinator.router import Router, trust_from_record
+from coordinator.ops.metrics import CoordinatorMetrics
+from coordinator.ops.miner_snapshot import MinerSnapshots
 from coordinator.service import MarketplaceService, miner_account
 from coordinator.tls import ServerTls
-from coordinator.usage import UsageService
 from coordinator.verification.checker import SpotChecker
 from coordinator.verification.penalties import Penalties
 from coordinator.verification.scoring import Scoring

@@ -6,7 +6,7 @@ Billing rules (docs/architecture.md, "Billing"):
 - a request holds its maximum cost (prompt plus max_tokens), so concurrent requests can never
   spend more than the balance; it is admitted against an in-memory estimate of the balance and
   the durable hold is placed once the first delta was delivered and commits while the job runs
-  (``coordinator.admission``), so the commit is not in the time to first token and a request
+  (``coordinator.billing.admission``), so the commit is not in the time to first token and a request
   that delivered nothing writes nothing to the ledger; a hold that fails ends the stream;
 - only delivered completion tokens are billed; a request that delivered none costs nothing;
 - a completion cut at a stop string is billed through the token that completed the stop string;
@@ -34,7 +34,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 
-from coordinator.admission import Admission, CreditGuard, CreditsShortError
 from coordinator.api import (
     Buyer,
     CompletionRequest,
@@ -43,9 +42,16 @@ from coordinator.api import (
     Readiness,
     TextDelta,
 )
+from coordinator.billing.admission import Admission, CreditGuard, CreditsShortError
+from coordinator.billing.job_log import JobLog, JobRecord
+from coordinator.billing.keys import KeyStore
+from coordinator.billing.limits import RateLimiter, Reservation, SpendGuard, SpendHold
+from coordinator.billing.receipts import CreditedJob
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import RunningCompletion
-from coordinator.dispatch import Dispatcher
+from coordinator.dispatch.dispatcher import Dispatcher
+from coordinator.dispatch.privacy import PrivacyPolicy, eligibility, nobody_vetted
+from coordinator.dispatch.registry import MinerRegistry
 from coordinator.errors import (
     ContextLengthError,
     InsufficientCreditsError,
@@ -53,13 +59,7 @@ from coordinator.errors import (
     NoMatchingEndpointError,
     NoMinerAvailableError,
 )
-from coordinator.job_log import JobLog, JobRecord
-from coordinator.keys import KeyStore
-from coordinator.limits import RateLimiter, Reservation, SpendGuard, SpendHold
-from coordinator.metrics import CoordinatorMetrics, RequestTimer
-from coordinator.privacy import PrivacyPolicy, eligibility, nobody_vetted
-from coordinator.receipts import CreditedJob
-from coordinator.registry import MinerRegistry
+from coordinator.ops.metrics import CoordinatorMetrics, RequestTimer
 from coordinator.text.tokenization import ChatTemplateError
 from coordinator.verification.scoring import FinishedJob
 from ledger.interface import AccountKind, AccountRef, Hold, InsufficientFundsError, Ledger
@@ -153,7 +153,7 @@ class MarketplaceService:
     ) -> None:
         """``on_credit`` hears of every settlement that credited a miner, once it committed.
         ``on_finished`` hears of every settled job with a verified receipt (the spot checker).
-        ``is_vetted`` tells the miners an operator vetted (``coordinator.privacy``), for
+        ``is_vetted`` tells the miners an operator vetted (``coordinator.dispatch.privacy``), for
         requests that only vetted miners may see.
 
         ``metrics`` receives latencies and billed tokens; without it they go to a private set.

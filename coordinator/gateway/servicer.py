@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 import grpc
 
 from coordinator.catalog import Catalog
+from coordinator.dispatch.registry import MinerRegistry
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.handshake import check_hello, refusal, signature_is_valid
 from coordinator.gateway.session import MinerSession
-from coordinator.registry import MinerRegistry
 from proto import miner_pb2, miner_pb2_grpc
 
 if TYPE_CHECKING:
-    from coordinator.receipts import LedgerReceipts
+    from coordinator.billing.receipts import LedgerReceipts
 
 logger = logging.getLogger(__name__)
 

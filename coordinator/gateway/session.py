@@ -5,8 +5,8 @@ for a job (token chunks, the result, a failure, or the loss of the miner) are qu
 that the dispatcher can wait on exactly the job it started.
 
 The session also measures the miner's speed as its messages arrive (``speed``, see
-:mod:`coordinator.speed`) and tells ``on_slot_freed`` whenever a job slot frees, so that requests
-queued for a busy model can be woken.
+:mod:`coordinator.dispatch.speed`) and tells ``on_slot_freed`` whenever a job slot frees, so
+that requests queued for a busy model can be woken.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from coordinator.speed import MinerSpeed
+from coordinator.dispatch.speed import MinerSpeed
 from proto import miner_pb2
 from proto.limits import MAX_TOKENS_PER_CHUNK, MAX_TOP_LOGPROB_TOKENS_PER_CHUNK
 

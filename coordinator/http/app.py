@@ -51,7 +51,7 @@ from coordinator.http.protocol import (
     parse_completion_request,
 )
 from coordinator.http.sse import STREAM_HEADERS, SseWriter
-from coordinator.metrics import CONTENT_TYPE, CoordinatorMetrics
+from coordinator.ops.metrics import CONTENT_TYPE, CoordinatorMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from decimal import Decimal, InvalidOperation
 from typing import get_args
 
 from coordinator.api import ProviderPreferences, ProviderSort
+from coordinator.dispatch.privacy import PrivacyPolicy
 from coordinator.errors import InvalidRequestError
-from coordinator.privacy import PrivacyPolicy
 
 
 def parse_provider(value: object) -> ProviderPreferences:

@@ -16,9 +16,9 @@ from typing import Protocol
 from aiohttp import web
 
 from coordinator.api import Buyer
+from coordinator.billing.usage import MAX_HISTORY, KeyUsage, UsageEntry
 from coordinator.errors import InvalidRequestError
 from coordinator.http.app import bearer_key
-from coordinator.usage import MAX_HISTORY, KeyUsage, UsageEntry
 from ledger.interface import MICRO_PER_CREDIT
 
 

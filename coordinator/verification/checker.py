@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from coordinator.catalog import Catalog
-from coordinator.metrics import CoordinatorMetrics
+from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.verification.judge import PooledStats, Thresholds
 from coordinator.verification.penalties import Penalties
 from coordinator.verification.policy import VerificationConfig, check_rate, selected

@@ -21,8 +21,8 @@ import hashlib
 import logging
 
 from coordinator.catalog import Catalog
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.registry import MinerRegistry
+from coordinator.dispatch.registry import MinerRegistry
+from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.verification.policy import VerificationConfig, scoring_pay
 from coordinator.verification.scoring import FinishedJob
 from coordinator.verification.trust import CheckRecord, TrustStore

@@ -16,9 +16,9 @@ import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from coordinator.dispatch.privacy import Eligible, PrivacyPolicy, anyone, eligibility, nobody_vetted
+from coordinator.dispatch.registry import MinerRegistry
 from coordinator.gateway.session import MinerSession, ScorerLost
-from coordinator.privacy import Eligible, PrivacyPolicy, anyone, eligibility, nobody_vetted
-from coordinator.registry import MinerRegistry
 from coordinator.verification.judge import Claim, Scores, Thresholds, Verdict, judge_job
 from ledger.interface import AccountRef
 from proto import miner_pb2

@@ -8,7 +8,7 @@ import random
 import asyncpg
 import pytest
 
-from coordinator.admission import CreditGuard, CreditsShortError
+from coordinator.billing.admission import CreditGuard, CreditsShortError
 from ledger.interface import AccountKind, AccountRef, InsufficientFundsError
 from ledger.postgres import PostgresLedger
 

@@ -11,7 +11,7 @@ import pytest
 from coordinator.api import Usage
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import MinerMisbehaved, RunningCompletion
-from coordinator.dispatch import MinerRun
+from coordinator.dispatch.dispatcher import MinerRun
 from coordinator.errors import InsufficientCreditsError, UpstreamError
 from coordinator.gateway.session import MinerSession
 from proto import miner_pb2

@@ -9,11 +9,11 @@ from collections.abc import Callable
 import pytest
 
 from coordinator.catalog import Catalog, CatalogEntry
-from coordinator.dispatch import DispatchConfig, Dispatcher, MinerRun
+from coordinator.dispatch.dispatcher import DispatchConfig, Dispatcher, MinerRun
+from coordinator.dispatch.registry import MinerRegistry
+from coordinator.dispatch.router import Router
 from coordinator.errors import NoMinerAvailableError, UpstreamError
 from coordinator.gateway.session import MinerSession
-from coordinator.registry import MinerRegistry
-from coordinator.router import Router
 from proto import miner_pb2
 from tests.coordinator.core_fakes import (
     FINISH,

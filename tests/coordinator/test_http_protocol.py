@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.api import ChatMessage, ProviderPreferences
+from coordinator.dispatch.privacy import PrivacyPolicy
 from coordinator.errors import InvalidRequestError
 from coordinator.http.protocol import (
     credits_per_million,
@@ -17,7 +18,6 @@ from coordinator.http.protocol import (
     parse_chat_request,
     parse_completion_request,
 )
-from coordinator.privacy import PrivacyPolicy
 
 
 def chat(**fields: Any) -> dict[str, Any]:

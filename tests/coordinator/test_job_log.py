@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import asyncpg
 import pytest
 
-from coordinator.job_log import JobLog, JobRecord
+from coordinator.billing.job_log import JobLog, JobRecord
 
 if TYPE_CHECKING:
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]

@@ -21,9 +21,9 @@ import asyncpg
 import pytest
 
 from coordinator.api import Buyer
+from coordinator.billing.keys import KeyCacheConfig, KeyStore
 from coordinator.cli import main
 from coordinator.errors import AuthenticationError
-from coordinator.keys import KeyCacheConfig, KeyStore
 from ledger.database import connect
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ async def test_a_lost_listening_connection_empties_the_cache_and_listens_again(
             db_pool, "DELETE FROM coordinator_api_keys WHERE key_id = $1", deleted.key_id
         )
         assert (await keys.authenticate(deleted.secret)).key_id == deleted.key_id  # cached
-        with caplog.at_level(logging.WARNING, logger="coordinator.keys"):
+        with caplog.at_level(logging.WARNING, logger="coordinator.billing.keys"):
             killed = await db_pool.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND query LIKE 'LISTEN%'"

@@ -15,17 +15,17 @@ import pytest
 from openai import AsyncOpenAI
 
 from coordinator.api import Buyer, ChatMessage, CompletionRequest
+from coordinator.billing.job_log import JobLog
+from coordinator.billing.keys import KeyStore
+from coordinator.billing.limits import LimitsConfig, RateLimiter, SpendGuard
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.cli import main
-from coordinator.dispatch import DispatchConfig, Dispatcher
+from coordinator.dispatch.dispatcher import DispatchConfig, Dispatcher
+from coordinator.dispatch.registry import MinerRegistry
+from coordinator.dispatch.router import Router
 from coordinator.errors import RateLimitedError, SpendLimitError
 from coordinator.gateway.session import MinerSession
 from coordinator.http.errors import duration
-from coordinator.job_log import JobLog
-from coordinator.keys import KeyStore
-from coordinator.limits import LimitsConfig, RateLimiter, SpendGuard
-from coordinator.registry import MinerRegistry
-from coordinator.router import Router
 from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
 from ledger.entry import EntryKind
 from ledger.postgres import PostgresLedger

@@ -20,17 +20,17 @@ from coordinator.api import (
     TextDelta,
     Usage,
 )
+from coordinator.billing.job_log import JobLog
+from coordinator.billing.keys import KeyStore
 from coordinator.catalog import Catalog
-from coordinator.dispatch import DispatchConfig, Dispatcher
+from coordinator.dispatch.dispatcher import DispatchConfig, Dispatcher
+from coordinator.dispatch.registry import MinerRegistry
+from coordinator.dispatch.router import Router
 from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.http.openapi import OPENAPI
 from coordinator.http.usage_routes import UsageReader, add_usage_routes
-from coordinator.job_log import JobLog
-from coordinator.keys import KeyStore
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.registry import MinerRegistry
-from coordinator.router import Router
+from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
 from ledger.postgres import PostgresLedger
 from tests.coordinator.core_fakes import (

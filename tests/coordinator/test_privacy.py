@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from coordinator import cli
-from coordinator.privacy import VettedMiners
+from coordinator.dispatch.privacy import VettedMiners
 from tests.coordinator.test_queue import until
 
 

@@ -9,16 +9,16 @@ from collections.abc import Sequence
 import pytest
 
 from coordinator.api import ProviderSort
-from coordinator.gateway.session import MinerLost, MinerSession
-from coordinator.registry import MinerRegistry
-from coordinator.router import (
+from coordinator.dispatch.registry import MinerRegistry
+from coordinator.dispatch.router import (
     LAST_CHECK_FAILED_TRUST,
     SHARPNESS,
     SORT_SHARPNESS,
     Router,
     trust_from_record,
 )
-from coordinator.speed import MinerSpeed, MovingAverage
+from coordinator.dispatch.speed import MinerSpeed, MovingAverage
+from coordinator.gateway.session import MinerLost, MinerSession
 from coordinator.verification.trust import TrustRecord
 from proto import miner_pb2
 from tests.coordinator.core_fakes import (

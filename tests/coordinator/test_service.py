@@ -17,8 +17,12 @@ import asyncpg
 import pytest
 
 from coordinator.api import Buyer, ChatMessage, CompletionRequest, ProviderPreferences, Usage
+from coordinator.billing.job_log import JobLog
+from coordinator.billing.keys import KeyStore
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
-from coordinator.dispatch import DispatchConfig, Dispatcher
+from coordinator.dispatch.dispatcher import DispatchConfig, Dispatcher
+from coordinator.dispatch.registry import MinerRegistry
+from coordinator.dispatch.router import Router
 from coordinator.errors import (
     ContextLengthError,
     InsufficientCreditsError,
@@ -26,10 +30,6 @@ from coordinator.errors import (
     NoMinerAvailableError,
 )
 from coordinator.gateway.session import MinerSession
-from coordinator.job_log import JobLog
-from coordinator.keys import KeyStore
-from coordinator.registry import MinerRegistry
-from coordinator.router import Router
 from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
 from ledger.entry import EntryKind
 from ledger.interface import ESCROW, FEE, AccountRef

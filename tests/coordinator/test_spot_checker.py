@@ -16,10 +16,10 @@ import asyncpg
 import pytest
 
 from coordinator.catalog import Catalog, CatalogEntry
+from coordinator.dispatch.privacy import PrivacyPolicy, eligibility
+from coordinator.dispatch.registry import MinerRegistry
 from coordinator.gateway.session import MinerSession
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.privacy import PrivacyPolicy, eligibility
-from coordinator.registry import MinerRegistry
+from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.verification.checker import SpotChecker
 from coordinator.verification.penalties import Penalties
 from coordinator.verification.policy import VerificationConfig, check_rate, scoring_pay, selected

@@ -12,7 +12,7 @@ from coordinator import completion as completion_module
 from coordinator.api import TextDelta
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import MinerMisbehaved, RunningCompletion
-from coordinator.dispatch import MinerRun
+from coordinator.dispatch.dispatcher import MinerRun
 from coordinator.gateway.session import MinerSession
 from coordinator.text.stop import StopMatcher
 from proto import miner_pb2

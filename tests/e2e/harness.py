@@ -28,7 +28,7 @@ from openai import AsyncOpenAI, OpenAI
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from coordinator.keys import KeyStore
+from coordinator.billing.keys import KeyStore
 from ledger.interface import AccountKind, AccountRef
 from ledger.postgres import PostgresLedger
 

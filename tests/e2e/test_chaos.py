@@ -226,7 +226,7 @@ def chaotic(
 
 
 def job_id_of(completion_id: str) -> str:
-    # The completion id is a prefix and the hex part of the job id (coordinator/job_log.py).
+    # The completion id is a prefix and the hex part of the job id (coordinator/billing/job_log.py).
     return "job-" + completion_id.split("-", 1)[1]
 
 

@@ -16,9 +16,9 @@ import asyncpg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.billing.receipts import CreditedJob, LedgerReceipts, ReceiptConfig
+from coordinator.dispatch.registry import MinerRegistry
 from coordinator.gateway.session import MinerSession
-from coordinator.receipts import CreditedJob, LedgerReceipts, ReceiptConfig
-from coordinator.registry import MinerRegistry
 from ledger.checkpoint import CheckpointSigner
 from ledger.checkpointer import Checkpointer, CheckpointerConfig
 from ledger.interface import AccountKind, AccountRef
@@ -159,7 +159,7 @@ async def test_credits_arrive_as_receipts_that_verify_and_add_up(
 async def test_an_offline_miner_gets_no_receipt_and_nothing_waits_for_it(
     market: Market, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="coordinator.receipts"):
+    with caplog.at_level(logging.INFO, logger="coordinator.billing.receipts"):
         await market.pay("ab" * 32, "job-gone", credit=100, fee=5)
         await eventually(lambda: any("offline" in r.getMessage() for r in caplog.records))
     assert market.receipts._pending == []
@@ -170,7 +170,7 @@ async def test_a_witness_alarm_is_logged_critical(
 ) -> None:
     session = market.session(Identity.generate())
     alarm = miner_pb2.WitnessAlarm(message="roots differ", old_checkpoint=b"a", new_checkpoint=b"b")
-    with caplog.at_level(logging.CRITICAL, logger="coordinator.receipts"):
+    with caplog.at_level(logging.CRITICAL, logger="coordinator.billing.receipts"):
         assert session.deliver(miner_pb2.MinerMessage(witness_alarm=alarm)) is None
     [record] = caplog.records
     assert record.levelno == logging.CRITICAL and "roots differ" in record.getMessage()
@@ -240,7 +240,7 @@ async def test_a_round_of_receipts_costs_the_same_queries_for_one_job_or_many(
 
         alone = [(miners[0], "job-alone")]
         crowd = [(miners[n % 3], f"job-{n}") for n in range(60)] + [(offline, "job-offline")]
-        with caplog.at_level(logging.INFO, logger="coordinator.receipts"):
+        with caplog.at_level(logging.INFO, logger="coordinator.billing.receipts"):
             _, warm_up = await round_of([(miners[1], "job-warm-up")])
             one, first = await round_of(alone)
             many, second = await round_of(crowd)

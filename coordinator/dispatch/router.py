@@ -12,9 +12,9 @@ zero) gets a score, and one is drawn at random with probability proportional to 
   use, so a big miner takes more jobs than a small one.
 - ``ttft_rel`` = the best time to first token among the candidates / this miner's, and
   ``rate_rel`` = this miner's decode tokens/s / the best; both in (0, 1], from the moving
-  averages of :mod:`coordinator.speed`. ``speed`` = sqrt(ttft_rel x rate_rel). A miner not yet
-  measured counts as the best candidate (an optimistic prior): new miners get jobs, and so get
-  measured.
+  averages of :mod:`coordinator.dispatch.speed`. ``speed`` = sqrt(ttft_rel x rate_rel). A
+  miner not yet measured counts as the best candidate (an optimistic prior): new miners get
+  jobs, and so get measured.
 - ``trust`` in [0, 1] comes from spot checks (:func:`trust_from_record`); 0 (banned) is never
   chosen. It scales a miner's share linearly, not sharply: spot checks, not routing, are the
   defence against cheats, and a miner whose last check failed must still get the jobs that

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from coordinator.api import Buyer
+from coordinator.billing.job_log import JobLog
 from coordinator.errors import LimitKind, RateLimitedError, RateLimitState, SpendLimitError
-from coordinator.job_log import JobLog
 from ledger.money import format_credits
 
 logger = logging.getLogger(__name__)

@@ -22,12 +22,12 @@ from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 
 from coordinator.api import ProviderSort
+from coordinator.dispatch.privacy import Eligible, anyone
+from coordinator.dispatch.registry import MinerRegistry
+from coordinator.dispatch.router import Router
 from coordinator.errors import NoMinerAvailableError, UpstreamError
 from coordinator.gateway.session import JobChannel, MinerLost, MinerSession
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.privacy import Eligible, anyone
-from coordinator.registry import MinerRegistry
-from coordinator.router import Router
+from coordinator.ops.metrics import CoordinatorMetrics
 from proto import miner_pb2
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from datetime import datetime
 import asyncpg
 
 from coordinator.api import Buyer
-from coordinator.job_log import JobLog, LoggedJob, UsageTotals
-from coordinator.keys import KeyStore
+from coordinator.billing.job_log import JobLog, LoggedJob, UsageTotals
+from coordinator.billing.keys import KeyStore
 from ledger.interface import AccountKind, AccountRef, Ledger, UnknownAccountError
 
 MAX_HISTORY = 100

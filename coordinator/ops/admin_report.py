@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from coordinator.keys import KeyStore
-from coordinator.miner_snapshot import connected_miners
+from coordinator.billing.keys import KeyStore
+from coordinator.ops.miner_snapshot import connected_miners
 from coordinator.verification.policy import VerificationConfig, check_rate
 from coordinator.verification.trust import list_identities
 from ledger.interface import AccountKind, AccountRef, Ledger, UnknownAccountError

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from coordinator.dispatch.registry import MinerRegistry
 from coordinator.gateway.session import MinerSession
-from coordinator.registry import MinerRegistry
 from ledger.log_reader import LogRangeError, LogReader, StoredCheckpoint
 from proto import miner_pb2
 

@@ -18,8 +18,8 @@ from datetime import datetime
 
 import asyncpg
 
+from coordinator.dispatch.registry import MinerRegistry
 from coordinator.gateway.session import MinerSession
-from coordinator.registry import MinerRegistry
 
 logger = logging.getLogger(__name__)
 

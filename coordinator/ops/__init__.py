@@ -1,0 +1,1 @@
+"""What the operator sees: metrics, the miners snapshot in PostgreSQL, the CLI's tables."""
