@@ -24,7 +24,7 @@ from coordinator.dispatch.dispatcher import DispatchConfig
 from coordinator.dispatch.privacy import VettedMiners
 from coordinator.gateway.config import GatewayConfig
 from coordinator.ops.admin_report import keys_report, miners_report
-from coordinator.service import BillingConfig
+from coordinator.request_saga import BillingConfig
 from coordinator.tls import CertificateFiles, TlsConfig
 from coordinator.tls_init import SERVER_DAYS, init_tls
 from coordinator.verification.policy import VerificationConfig

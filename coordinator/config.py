@@ -8,7 +8,7 @@ from pathlib import Path
 from coordinator.billing.limits import LimitsConfig
 from coordinator.dispatch.dispatcher import DispatchConfig
 from coordinator.gateway.config import GatewayConfig
-from coordinator.service import BillingConfig
+from coordinator.request_saga import BillingConfig
 from coordinator.tls import TlsConfig
 from coordinator.verification.policy import VerificationConfig
 

@@ -29,7 +29,8 @@ from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.http.usage_routes import add_usage_routes
 from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.ops.miner_snapshot import MinerSnapshots
-from coordinator.service import MarketplaceService, miner_account
+from coordinator.request_saga import miner_account
+from coordinator.service import MarketplaceService
 from coordinator.tls import ServerTls
 from coordinator.verification.checker import SpotChecker
 from coordinator.verification.penalties import Penalties

@@ -26,7 +26,8 @@ from coordinator.dispatch.router import Router
 from coordinator.errors import RateLimitedError, SpendLimitError
 from coordinator.gateway.session import MinerSession
 from coordinator.http.errors import duration
-from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
+from coordinator.request_saga import BillingConfig, buyer_account, miner_account
+from coordinator.service import MarketplaceService
 from ledger.entry import EntryKind
 from ledger.postgres import PostgresLedger
 from tests.coordinator.core_fakes import (

@@ -31,7 +31,8 @@ from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.http.openapi import OPENAPI
 from coordinator.http.usage_routes import UsageReader, add_usage_routes
 from coordinator.ops.metrics import CoordinatorMetrics
-from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
+from coordinator.request_saga import BillingConfig, buyer_account, miner_account
+from coordinator.service import MarketplaceService
 from ledger.postgres import PostgresLedger
 from tests.coordinator.core_fakes import (
     MODEL,

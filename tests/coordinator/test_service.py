@@ -30,7 +30,8 @@ from coordinator.errors import (
     NoMinerAvailableError,
 )
 from coordinator.gateway.session import MinerSession
-from coordinator.service import BillingConfig, MarketplaceService, buyer_account, miner_account
+from coordinator.request_saga import BillingConfig, buyer_account, miner_account
+from coordinator.service import MarketplaceService
 from ledger.entry import EntryKind
 from ledger.interface import ESCROW, FEE, AccountRef
 from ledger.postgres import PostgresLedger
