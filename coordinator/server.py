@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
@@ -80,8 +80,14 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
     # First: a bad certificate file should fail the start before the database spins up.
     tls = await asyncio.to_thread(ServerTls.load, config.tls)
     catalog = await asyncio.to_thread(build_catalog, config.catalog)
-    async with connect(database_url=config.database_url, data_dir=config.data_dir) as pool:
+    # Each resource is registered as it starts: a start that fails half-way tears down what
+    # already runs, in reverse order, and so does the normal shutdown.
+    async with AsyncExitStack() as stack:
+        pool = await stack.enter_async_context(
+            connect(database_url=config.database_url, data_dir=config.data_dir)
+        )
         ledger = await PostgresLedger.create(pool)
+        stack.push_async_callback(ledger.aclose)
         signing_key, created = load_or_create_key(
             config.signing_key_path, what="ledger signing key"
         )
@@ -90,6 +96,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         signer = CheckpointSigner(config.ledger_origin, signing_key)
         keys = await KeyStore.create(pool)
         job_log = await JobLog.create(pool)
+        stack.push_async_callback(job_log.aclose)
         registry = MinerRegistry()
         metrics = CoordinatorMetrics(
             miner_counts=lambda: {name: len(registry.serving(name)) for name in catalog.names()}
@@ -163,6 +170,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         else:
             grpc_port = grpc_server.add_secure_port(grpc_address, tls.grpc_credentials)
         await grpc_server.start()
+        stack.push_async_callback(_stop_gateway, grpc_server, registry)
         app = create_app(service, max_body_bytes=config.max_body_bytes, metrics=metrics)
         published = PublishedLedger(
             pool, origin=config.ledger_origin, verifier_key=signer.verifier_key
@@ -182,55 +190,53 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
                 allow_key_rotation=config.rotate_ledger_key,
             ),
         )
-        try:
-            await runner.setup()
-            site = web.TCPSite(
-                runner, config.http_host, config.http_port, ssl_context=tls.http_context
-            )
-            await site.start()
-            http_port = int(runner.addresses[0][1])
-            snapshots = MinerSnapshots(pool, registry=registry, interval_s=2.0)
-            async with (
-                keys.watching(),  # authentications served from memory, revocations heard at once
-                vetted.watching(),  # `miners vet`/`unvet` from any process, heard at once
-                checkpoints,
-                receipts.running(),
-                checker.running(),
-                snapshots.running(),
-            ):
-                # Fenced now: no other coordinator runs, so open holds belong to dead requests.
-                orphaned = await ledger.release_open_holds()
-                if orphaned:
-                    logger.warning("released %d holds left open by a previous run", orphaned)
-                logger.info(
-                    "coordinator ready: %s on %s:%d, miners on %s:%d (%s), models %s, "
-                    "ledger key %s",
-                    tls.http_scheme.upper(),
-                    config.http_host,
-                    http_port,
-                    config.grpc_host,
-                    grpc_port,
-                    tls.grpc_transport,
-                    sorted(catalog.names()),
-                    signer.verifier_key,
-                )
-                yield RunningCoordinator(
-                    http_port=http_port,
-                    grpc_port=grpc_port,
-                    catalog=catalog,
-                    ledger=ledger,
-                    keys=keys,
-                    registry=registry,
-                    service=service,
-                    checker=checker,
-                    trust=trust,
-                    tls=tls,
-                )
-        finally:
-            logger.info("coordinator shutting down")
-            await runner.cleanup()
-            for session in registry.sessions():
-                session.close("coordinator shutting down")
-            await grpc_server.stop(grace=2.0)
-            await job_log.aclose()
-            await ledger.aclose()
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, config.http_host, config.http_port, ssl_context=tls.http_context)
+        await site.start()
+        http_port = int(runner.addresses[0][1])
+        stack.callback(logger.info, "coordinator shutting down")
+        snapshots = MinerSnapshots(pool, registry=registry, interval_s=2.0)
+        for running in (
+            keys.watching(),  # authentications served from memory, revocations heard at once
+            vetted.watching(),  # `miners vet`/`unvet` from any process, heard at once
+            checkpoints,
+            receipts.running(),
+            checker.running(),
+            snapshots.running(),
+        ):
+            await stack.enter_async_context(running)
+        # Fenced now: no other coordinator runs, so open holds belong to dead requests.
+        orphaned = await ledger.release_open_holds()
+        if orphaned:
+            logger.warning("released %d holds left open by a previous run", orphaned)
+        logger.info(
+            "coordinator ready: %s on %s:%d, miners on %s:%d (%s), models %s, ledger key %s",
+            tls.http_scheme.upper(),
+            config.http_host,
+            http_port,
+            config.grpc_host,
+            grpc_port,
+            tls.grpc_transport,
+            sorted(catalog.names()),
+            signer.verifier_key,
+        )
+        yield RunningCoordinator(
+            http_port=http_port,
+            grpc_port=grpc_port,
+            catalog=catalog,
+            ledger=ledger,
+            keys=keys,
+            registry=registry,
+            service=service,
+            checker=checker,
+            trust=trust,
+            tls=tls,
+        )
+
+
+async def _stop_gateway(grpc_server: grpc.aio.Server, registry: MinerRegistry) -> None:
+    """Ends every miner's session, then stops the gRPC server (2 s grace for their streams)."""
+    for session in registry.sessions():
+        session.close("coordinator shutting down")
+    await grpc_server.stop(grace=2.0)
