@@ -27,6 +27,7 @@ from miner.config import (
     default_cache_dir,
     default_witness_dir,
     parse_coordinator,
+    parse_coordinators,
     parse_model_spec,
 )
 from miner.engine.base import Engine, EngineLoader, ModelLoadError
@@ -62,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="connect to a coordinator and serve jobs")
-    run.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    run.add_argument(
+        "--coordinator",
+        required=True,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the coordinator's miner gateway; more, comma-separated, are tried in turn when one "
+        "cannot be reached or is lost (replicas, or a standby)",
+    )
     run.add_argument(
         "--coordinator-ca",
         type=Path,
@@ -249,7 +256,8 @@ def _command_run(args: argparse.Namespace, key_path: Path | None) -> int:
     config = _run_config(args, key_path)
     try:
         # Fails now, naming the file and the reason, rather than after the models load.
-        channel_credentials(config.tls, parse_coordinator(config.coordinator)[0])
+        for address in config.coordinators:
+            channel_credentials(config.tls, parse_coordinator(address)[0])
     except ValueError as err:
         raise _UsageError(str(err)) from err
     identity = load_or_create_identity(config.key_path)
@@ -272,7 +280,7 @@ def _command_run(args: argparse.Namespace, key_path: Path | None) -> int:
 
 def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
     try:
-        parse_coordinator(args.coordinator)
+        coordinator, fallbacks = parse_coordinators(args.coordinator)
         models = tuple(parse_model_spec(text) for text in args.model)
         for flag in ("max_concurrency", "max_batch_tokens", "kv_cache_tokens"):
             value = getattr(args, flag)
@@ -282,7 +290,8 @@ def _run_config(args: argparse.Namespace, key_path: Path) -> MinerConfig:
         if args.drain_timeout < 0:
             raise ValueError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
         return MinerConfig(
-            coordinator=args.coordinator,
+            coordinator=coordinator,
+            fallback_coordinators=fallbacks,
             models=models,
             key_path=key_path,
             max_concurrency=args.max_concurrency,

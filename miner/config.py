@@ -35,6 +35,9 @@ class MinerConfig:
 
     # "HOST:PORT" of the coordinator's miner gateway; the miner only ever dials out.
     coordinator: str
+    # More gateways of the same marketplace (replicas, or a standby), tried in turn after
+    # ``coordinator`` when a connection cannot be made or is lost (--coordinator A,B,...).
+    fallback_coordinators: tuple[str, ...] = ()
     # Models to load and announce; the CLI loads them, the daemon serves what it is given.
     models: tuple[ModelSpec, ...] = ()
     # PEM file holding the Ed25519 identity; "~" is expanded when the key is loaded.
@@ -77,8 +80,16 @@ class MinerConfig:
     # datasets). True keeps it away from buyers who send provider.data_collection "deny".
     retains_data: bool = False
 
+    @property
+    def coordinators(self) -> tuple[str, ...]:
+        """Every gateway to try, in order: ``coordinator``, then the fallbacks."""
+        return (self.coordinator, *self.fallback_coordinators)
+
     def __post_init__(self) -> None:
-        parse_coordinator(self.coordinator)
+        for address in self.coordinators:
+            parse_coordinator(address)
+        if len(set(self.coordinators)) != len(self.coordinators):
+            raise ValueError(f"a coordinator is listed twice: {','.join(self.coordinators)}")
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
         if self.engine not in ENGINES:
@@ -102,6 +113,14 @@ class MinerConfig:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"model served twice: {', '.join(duplicates)}")
+
+
+def parse_coordinators(text: str) -> tuple[str, tuple[str, ...]]:
+    """``--coordinator A[,B,...]``: the first gateway and the fallbacks, each checked."""
+    addresses = [address.strip() for address in text.split(",")]
+    for address in addresses:
+        parse_coordinator(address)
+    return addresses[0], tuple(addresses[1:])
 
 
 def parse_coordinator(address: str) -> tuple[str, int]:

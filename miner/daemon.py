@@ -121,17 +121,25 @@ class MinerDaemon:
             # Raises WitnessError when the stored checkpoint is damaged: better not to start.
             store = await asyncio.to_thread(WitnessStore.open, self._config.witness_dir)
             witness = Witness(store, miner_id=self._identity.miner_id)
-        host = parse_coordinator(self._config.coordinator)[0]
-        credentials = await asyncio.to_thread(channel_credentials, self._config.tls, host)
-        transport = "TLS" if credentials is not None else "plaintext"
+        addresses = self._config.coordinators
+        credentials = {
+            address: await asyncio.to_thread(
+                channel_credentials, self._config.tls, parse_coordinator(address)[0]
+            )
+            for address in addresses
+        }
         tls_failures = FailureLog()
-        attempt = 0
+        attempt = 0  # rounds of every address failed since the last welcome: the backoff's
+        failed_in_round = 0  # addresses failed one after the other, since a welcome or a pause
+        index = 0
         while not self._stopping.is_set():
+            address = addresses[index]
+            transport = "TLS" if credentials[address] is not None else "plaintext"
             logger.log(
                 # After the first failure, the failure's own report says what is going on.
-                logging.INFO if attempt == 0 else logging.DEBUG,
+                logging.INFO if attempt == 0 and failed_in_round == 0 else logging.DEBUG,
                 "connecting to %s (%s)",
-                self._config.coordinator,
+                address,
                 transport,
             )
             session = Session(
@@ -141,7 +149,8 @@ class MinerDaemon:
                 engines=self._engines,
                 stopping=self._stopping,
                 witness=witness,
-                credentials=credentials,
+                credentials=credentials[address],
+                address=address,
             )
             tls_failure = False
             try:
@@ -152,29 +161,40 @@ class MinerDaemon:
             except ConnectionLostError as lost:
                 reason = str(lost)
             if session.welcome is not None:
-                attempt = 0
+                attempt = failed_in_round = 0
             if self._stopping.is_set():
                 logger.info("connection ended during shutdown: %s", reason)
                 return
-            delay = backoff_delay(
-                attempt, minimum=self._config.backoff_min_s, maximum=self._config.backoff_max_s
-            )
-            attempt += 1
+            # The next gateway at once while some of this round's are untried: a replica that
+            # died must not cost its miners a backoff when another one is up.
+            index = (index + 1) % len(addresses)
+            failed_in_round += 1
+            pause = failed_in_round >= len(addresses)
+            delay = 0.0
+            if pause:
+                delay = backoff_delay(
+                    attempt, minimum=self._config.backoff_min_s, maximum=self._config.backoff_max_s
+                )
+                attempt += 1
+                failed_in_round = 0
+            then = f"retrying in {delay:.1f} s" if pause else f"trying {addresses[index]}"
             if tls_failure:
                 # Retried like any lost connection (the coordinator may be mid-rotation), but a
                 # misconfigured miner would otherwise log the same handshake error every few s.
-                tls_failures.report(self._config.coordinator, reason)
-                logger.debug("retrying in %.1f s", delay)
+                tls_failures.report(address, reason)
+                logger.debug("%s", then)
+            else:
+                logger.warning(
+                    "%s %s (%s); %s",
+                    "lost the connection to"
+                    if session.welcome is not None
+                    else "cannot connect to",
+                    address,
+                    reason,
+                    then,
+                )
+            if pause:
                 await self._sleep_unless_stopping(delay)
-                continue
-            logger.warning(
-                "%s %s (%s); retrying in %.1f s",
-                "lost the connection to" if session.welcome is not None else "cannot connect to",
-                self._config.coordinator,
-                reason,
-                delay,
-            )
-            await self._sleep_unless_stopping(delay)
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
         with contextlib.suppress(TimeoutError):

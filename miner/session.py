@@ -82,10 +82,13 @@ class Session:
         stopping: asyncio.Event,
         witness: Witness | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        address: str | None = None,
     ) -> None:
         """``witness`` checks the coordinator's credit receipts; None ignores them.
-        ``credentials`` secure the channel (miner/tls.py); None dials in plaintext."""
+        ``credentials`` secure the channel (miner/tls.py); None dials in plaintext.
+        ``address`` is the gateway to dial (one of ``config.coordinators``; None: the first)."""
         self._config = config
+        self._address = address or config.coordinator
         self._credentials = credentials
         self._hello = hello
         self._identity = identity
@@ -105,11 +108,9 @@ class Session:
         """Runs the connection to its end; see the module docstring for how it ends."""
         options = channel_options(self._config)
         if self._credentials is None:
-            channel = grpc.aio.insecure_channel(self._config.coordinator, options=options)
+            channel = grpc.aio.insecure_channel(self._address, options=options)
         else:
-            channel = grpc.aio.secure_channel(
-                self._config.coordinator, self._credentials, options=options
-            )
+            channel = grpc.aio.secure_channel(self._address, self._credentials, options=options)
         async with channel:
             call = miner_pb2_grpc.MinerGatewayStub(channel).Connect(self._requests())
             try:
@@ -149,7 +150,7 @@ class Session:
             if self.welcome is None and err.code() == grpc.StatusCode.UNAVAILABLE:
                 tls_failure = describe_tls_failure(
                     details,
-                    address=self._config.coordinator,
+                    address=self._address,
                     tls=self._config.tls,
                     encrypted=self._credentials is not None,
                 )
@@ -216,7 +217,7 @@ class Session:
         interval = interval_ms / 1000 if interval_ms else _DEFAULT_HEARTBEAT_S
         logger.info(
             "connected to %s as %s (heartbeat every %.3g s)",
-            self._config.coordinator,
+            self._address,
             self._identity.miner_id,
             interval,
         )
@@ -311,4 +312,4 @@ class Session:
         # sees the end of the request stream and closes its side.
         self._outbox.put_nowait(None)
         await asyncio.wait({reader}, timeout=_CLOSE_GRACE_S)
-        logger.info("disconnected from %s", self._config.coordinator)
+        logger.info("disconnected from %s", self._address)

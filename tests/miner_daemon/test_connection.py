@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 
 import pytest
 
+from miner.config import MinerConfig, parse_coordinators
 from miner.daemon import backoff_delay
 from proto import miner_pb2
 
@@ -142,3 +144,44 @@ def test_backoff_is_full_jitter_under_a_doubling_cap(attempt: int) -> None:
     delays = [backoff_delay(attempt, minimum=0.5, maximum=30.0) for _ in range(500)]
     assert all(0 <= delay <= cap for delay in delays)
     assert max(delays) > cap * 0.8 and min(delays) < cap * 0.2
+
+
+async def test_the_miner_moves_to_the_next_coordinator_when_one_is_down_or_dies() -> None:
+    standby, replica = FakeGateway(), FakeGateway()
+    engine = FakeEngine()
+    with socket.socket() as probe:  # a gateway that is down: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    async with contextlib.AsyncExitStack() as stack:
+        replica_server = contextlib.AsyncExitStack()
+        replica_port = await replica_server.enter_async_context(serve(replica))
+        standby_port = await stack.enter_async_context(serve(standby))
+        fallbacks = (f"127.0.0.1:{replica_port}", f"127.0.0.1:{standby_port}")
+        miner = await stack.enter_async_context(
+            running_miner(
+                down,
+                [engine],
+                fallback_coordinators=fallbacks,
+                backoff_min_s=5.0,
+                backoff_max_s=5.0,
+            )
+        )
+        # The first gateway is down: the next one is tried at once, without the 5 s backoff.
+        first = await replica.next_session(within_s=2.0)
+        assert first.welcomed
+        await replica_server.aclose()  # the replica dies: on to the standby, again at once
+        second = await standby.next_session(within_s=2.0)
+        assert second.welcomed
+        second.send_job(make_job("after-failover", max_tokens=3))
+        outcome = await second.job_outcome("after-failover")
+        assert outcome.result is not None
+        miner.daemon.shutdown()
+        await asyncio.wait_for(miner.task, WAIT_S)
+
+
+def test_coordinators_are_listed_comma_separated_and_each_checked() -> None:
+    assert parse_coordinators("a:1,[::1]:2 , b:3") == ("a:1", ("[::1]:2", "b:3"))
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_coordinators("a:1,b")
+    with pytest.raises(ValueError, match="listed twice"):
+        MinerConfig(coordinator="a:1", fallback_coordinators=("a:1",))
