@@ -14,8 +14,9 @@ fails closed (503, never charged) rather than going to a miner outside it.
 Vetting lives in PostgreSQL (``coordinator_vetted_miners``), so every process agrees on it.
 :class:`VettedMiners` keeps the set in memory while :meth:`VettedMiners.watching` runs: it is
 reloaded on each ``pg_notify('meshmint_vetted', miner_id)`` that ``vet``/``unvet`` send
-(whichever process runs them) and every ``refresh_s`` as a backstop. Until the first load it is
-empty: a vetted-only request finds no miner, it never finds a wrong one.
+(whichever process runs them) and every ``refresh_s`` as a backstop. Until the first load, and
+after a reload that failed, it is empty: a vetted-only request then finds no miner, it never
+finds one whose vetting was taken back.
 """
 
 from __future__ import annotations
@@ -164,9 +165,12 @@ class VettedMiners:
                 self._changed.clear()
                 try:
                     await self.load()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                except Exception as error:  # the database is gone, or a bug: fail closed
+                    # An unvetting this process cannot see must not be ignored: until a reload
+                    # succeeds nobody counts as vetted (vetted-only requests get a 503).
+                    self._ids = frozenset()
                     logger.warning(
-                        "cannot reload the vetted miners (%r); keeping the last set", error
+                        "cannot reload the vetted miners (%r); treating none as vetted", error
                     )
                     if listener is not None:
                         await listener.close(healthy=False)

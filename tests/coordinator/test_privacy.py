@@ -50,3 +50,31 @@ def test_vetting_a_malformed_miner_id_is_refused_before_any_database(
     assert cli.main(["miners", "list", "ab" * 32, *data]) == 2
     assert "takes no MINER_ID" in capsys.readouterr().err
     assert not (tmp_path / "never-created").exists()
+
+
+class _FlakyPool:
+    """A pool whose reads start failing on demand, and that cannot lend a listening connection."""
+
+    def __init__(self, vetted: str) -> None:
+        self.vetted = vetted
+        self.broken = False
+
+    async def fetch(self, query: str) -> list[dict[str, str]]:
+        if self.broken:
+            raise ConnectionResetError("the database went away")
+        return [{"miner_id": self.vetted}]
+
+    async def acquire(self, **options: object) -> None:
+        raise OSError("no connection to listen on in this test")
+
+
+async def test_a_reload_that_fails_treats_nobody_as_vetted() -> None:
+    miner = "dd" * 32
+    pool = _FlakyPool(miner)
+    store = VettedMiners(pool, refresh_s=0.01)  # type: ignore[arg-type]
+    async with store.watching():
+        assert store.is_vetted(miner)
+        pool.broken = True  # an unvetting might now go unseen: nobody counts as vetted
+        await until(lambda: not store.is_vetted(miner))
+        pool.broken = False
+        await until(lambda: store.is_vetted(miner))
