@@ -153,8 +153,10 @@ class CreditGuard:
         else:
             state.pending -= admission.amount
             state.stale = True
-        if state.in_flight == 0 and state.stale:
-            del self._accounts[admission.account]  # read afresh at its next request
+        # A stale estimate stays in place (its next request reads the balance first): dropping
+        # it here could orphan the very object a concurrent read is about to fill in, and the
+        # request admitted from that read would then be missing from the estimate that replaces
+        # it. Idle estimates are dropped only under the read lock (_evict_idle).
 
     async def _refresh(self, account: AccountRef) -> _Account:
         async with self._lock:

@@ -138,6 +138,31 @@ async def test_a_settlement_that_a_read_already_counts_is_not_added_again() -> N
     guard.finished(other, charged=0, held=False)
 
 
+async def test_a_request_admitted_from_a_read_in_flight_is_never_forgotten() -> None:
+    ledger = Balances(buyer=1000)
+    guard = CreditGuard(ledger.read)
+    first = await guard.admit(BUYER, 100)
+    gate = asyncio.Event()
+    read = ledger.read
+
+    async def slow_read(account: AccountRef) -> int:
+        balance = await read(account)
+        await gate.wait()
+        return balance
+
+    guard._read_balance = slow_read
+    second = asyncio.create_task(guard.admit(BUYER, 950))  # too much for the estimate: reads
+    await asyncio.sleep(0.01)
+    guard.finished(first, charged=0, held=False)  # the first hold failed, while that read runs
+    gate.set()
+    await second  # admitted from the read: 1000 with nothing else pending
+    # Its 950 are still pending: a request for 900 more must be refused, not admitted from an
+    # estimate that forgot it.
+    with pytest.raises(CreditsShortError) as refused:
+        await guard.admit(BUYER, 900)
+    assert refused.value.available == 50
+
+
 async def test_idle_estimates_are_evicted_beyond_the_bound() -> None:
     ledger = Balances(buyer=10, other=10)
     guard = CreditGuard(ledger.read, max_accounts=2)
