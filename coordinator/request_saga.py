@@ -83,7 +83,6 @@ class TimedCompletion(RunningCompletion):
     """A :class:`RunningCompletion` whose deltas are timed as they are handed to the buyer."""
 
     timer: RequestTimer  # set by the service right after construction
-    privacy: PrivacyPolicy = PrivacyPolicy()  # the buyer's tier: binds the spot check's scorers
     _timed: AsyncGenerator[TextDelta, None] | None = None
 
     def __aiter__(self) -> AsyncIterator[TextDelta]:
@@ -108,13 +107,17 @@ class RequestSaga:
         entry: CatalogEntry,
         job: miner_pb2.Job,
         max_cost: int,
+        privacy: PrivacyPolicy,
     ) -> None:
-        """``max_cost``: what the job may cost at most (its prompt and ``max_tokens``)."""
+        """``max_cost``: what the job may cost at most (its prompt and ``max_tokens``);
+        ``privacy``: the buyer's tier, which binds the spot check's scorers as it bound the
+        miner."""
         self._parts = parts
         self._buyer = buyer
         self._entry = entry
         self._job = job
         self._max_cost = max_cost
+        self._privacy = privacy
         self._reservation: Reservation | None = None
         self._spend: SpendHold | None = None
         self._admission: Admission | None = None  # None for a free model: nothing to hold
@@ -279,7 +282,7 @@ class RequestSaga:
                     miner_credit=settlement.miner_credit,
                     fee=settlement.fee,
                     top_logprobs=tuple(completion.received_top_logprobs),
-                    privacy=completion.privacy,
+                    privacy=self._privacy,
                 )
             )
 

@@ -182,11 +182,11 @@ class MarketplaceService:
             prompt_ids = await asyncio.to_thread(self._tokenize, entry, request)
         else:
             prompt_ids = self._tokenize(entry, request)
-        if not self._dispatcher.has_miners(entry.name):
-            raise NoMinerAvailableError(f"no miner is serving model '{entry.name}' right now")
         privacy = request.provider.privacy
         eligible = eligibility(privacy, is_vetted=self._is_vetted)
         if not self._dispatcher.has_miners(entry.name, eligible=eligible):
+            if not privacy.restricted or not self._dispatcher.has_miners(entry.name):
+                raise NoMinerAvailableError(f"no miner is serving model '{entry.name}' right now")
             # Fail closed: the prompt goes to no miner outside the buyer's tier.
             raise NoMinerAvailableError(
                 f"no miner serving model '{entry.name}' right now is {privacy.describe()}; "
@@ -211,7 +211,12 @@ class MarketplaceService:
             ),
         )
         async with RequestSaga(
-            self._saga_parts, buyer=buyer, entry=entry, job=job, max_cost=max_cost
+            self._saga_parts,
+            buyer=buyer,
+            entry=entry,
+            job=job,
+            max_cost=max_cost,
+            privacy=privacy,
         ) as saga:
             run = await self._dispatcher.start(
                 job,
@@ -229,7 +234,6 @@ class MarketplaceService:
                 logprobs=request.logprobs,
             )
             completion.timer = timer
-            completion.privacy = privacy
             saga.attach(completion)
             yield completion
 

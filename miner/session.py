@@ -80,15 +80,15 @@ class Session:
         identity: Identity,
         engines: Mapping[str, Engine],
         stopping: asyncio.Event,
+        address: str,
         witness: Witness | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        address: str | None = None,
     ) -> None:
         """``witness`` checks the coordinator's credit receipts; None ignores them.
         ``credentials`` secure the channel (miner/tls.py); None dials in plaintext.
-        ``address`` is the gateway to dial (one of ``config.coordinators``; None: the first)."""
+        ``address`` is the gateway to dial (one of ``config.coordinators``)."""
         self._config = config
-        self._address = address or config.coordinator
+        self._address = address
         self._credentials = credentials
         self._hello = hello
         self._identity = identity

@@ -31,8 +31,6 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from miner import scorer
 from miner.engine.base import (
     DEFAULT_MAX_BATCH_TOKENS,
@@ -48,6 +46,7 @@ from miner.engine.base import (
 from miner.engine.forced_choice import KeyedJob
 from miner.engine.model_source import ModelSource, context_length, resolve_source, vocab_size
 from miner.engine.request_checks import checked_generation, checked_scoring
+from miner.engine.torch_engine import DTYPES, default_dtype
 from miner.engine.vllm_translation import (
     engine_arguments,
     generated_tokens,
@@ -59,7 +58,6 @@ from miner.engine.vllm_translation import (
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = ("float32", "bfloat16", "float16")
 INSTALL_HINT = "pip install 'meshmint[vllm]'"
 
 
@@ -253,13 +251,9 @@ def check_device(device: str | None) -> None:
 
 def _dtype_for_cuda(dtype: str | None) -> str:
     if dtype is None:
-        return (
-            "bfloat16"
-            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            else "float16"
-        )
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unsupported dtype {dtype!r}; choose one of {list(_DTYPES)}")
+        return default_dtype("cuda")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unsupported dtype {dtype!r}; choose one of {list(DTYPES)}")
     return dtype
 
 

@@ -155,8 +155,6 @@ def scoring_rows(
     completion token ``i``: the last ``completion_length - 1`` prompt positions, then the
     sampled position. Raises :class:`GenerationError` unless every row covers the vocabulary."""
     wanted = list(prompt_logprobs[len(prompt_logprobs) - (completion_length - 1) :])
-    if completion_length == 1:
-        wanted = []
     if len(wanted) != completion_length - 1 or len(sampled_logprobs) < 1:
         raise GenerationError("vLLM returned fewer log-probability rows than completion tokens")
     wanted.append(sampled_logprobs[0])

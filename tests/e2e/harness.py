@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -265,6 +265,15 @@ def miner_identity(miner: Process) -> str | None:
     """The id the miner's log says it connected as (hex public key), or None before it did."""
     match = re.search(r"connected to \S+ as (\S+)", miner.output())
     return match.group(1) if match else None
+
+
+def eventually(condition: Callable[[], bool], what: str, *, timeout: float = 30.0) -> None:
+    """Polls ``condition`` until it holds; fails the test naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout:g} s")
+        time.sleep(0.1)
 
 
 def open_holds(database_url: str) -> int:

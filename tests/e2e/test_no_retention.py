@@ -10,7 +10,6 @@ table of the database are searched for the canary and for the completions' text.
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
@@ -18,7 +17,14 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.harness import create_key, fetch, running_coordinator, start_miner, wait_for_miners
+from tests.e2e.harness import (
+    create_key,
+    eventually,
+    fetch,
+    running_coordinator,
+    start_miner,
+    wait_for_miners,
+)
 
 # Long enough that no completion of the random test model contains one by chance.
 _MIN_COMPLETION_CHARS = 12
@@ -100,10 +106,7 @@ def test_no_process_keeps_a_prompt_or_a_completion(
             rows = fetch(database_url, "SELECT count(*) AS n FROM verification_checks")
             return bool(rows[0]["n"] >= 4)
 
-        deadline = time.monotonic() + 30
-        while not checked() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert checked(), "the spot checks (which send the prompt to a scorer) did not run"
+        eventually(checked, "the spot checks (which send the prompt to a scorer) ran")
     # Every process has stopped: its logs and files are complete.
     long_completions = [c for c in completions if len(c) >= _MIN_COMPLETION_CHARS]
     needles = [canary.encode(), *(c.encode() for c in long_completions)]

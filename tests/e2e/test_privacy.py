@@ -9,8 +9,6 @@ carol vetted by the operator through the `miners vet` CLI; carol declares she re
 from __future__ import annotations
 
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from tests.e2e.harness import (
     Coordinator,
     balances,
     create_key,
+    eventually,
     fetch,
     http,
     miner_identity,
@@ -34,14 +33,6 @@ from tests.e2e.harness import (
 VETTED = {"trust": "vetted"}
 SILENT = {"data_collection": "deny"}
 BOTH = {"trust": "vetted", "data_collection": "deny"}
-
-
-def _eventually(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout} s")
-        time.sleep(0.1)
 
 
 def _miners_cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -108,7 +99,7 @@ def test_a_privacy_tier_binds_the_miner_and_its_scorers_and_fails_closed(
             assert vetted.returncode == 0 and "vetted" in vetted.stdout, vetted.stderr
         again = _miners_cli(url, "vet", str(ids["alice"]))
         assert again.returncode == 0 and "already" in again.stdout
-        _eventually(lambda: _vetted_count(coordinator, key) == 2, "the vetting reached /v1/models")
+        eventually(lambda: _vetted_count(coordinator, key) == 2, "the vetting reached /v1/models")
 
         tiers: dict[str, dict[str, str]] = {}
         for provider in [VETTED] * 6 + [SILENT] * 6 + [BOTH] * 3:
@@ -123,7 +114,7 @@ def test_a_privacy_tier_binds_the_miner_and_its_scorers_and_fails_closed(
             rows = fetch(url, "SELECT job_id, outcome, scorers FROM verification_checks")
             return {row["job_id"]: row for row in rows}
 
-        _eventually(lambda: set(tiers) <= set(checks()), "every job was spot-checked")
+        eventually(lambda: set(tiers) <= set(checks()), "every job was spot-checked")
         jobs = {row["job_id"]: row for row in fetch(url, "SELECT * FROM coordinator_jobs")}
         found = checks()
         for job_id, provider in tiers.items():
@@ -139,7 +130,7 @@ def test_a_privacy_tier_binds_the_miner_and_its_scorers_and_fails_closed(
         # Unvetting reaches the serving coordinator at once.
         unvetted = _miners_cli(url, "unvet", str(ids["carol"]))
         assert unvetted.returncode == 0
-        _eventually(lambda: _vetted_count(coordinator, key) == 1, "the unvetting reached it")
+        eventually(lambda: _vetted_count(coordinator, key) == 1, "the unvetting reached it")
         served = {
             names[jobs_row["miner_id"]]
             for jobs_row in [
