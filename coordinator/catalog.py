@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from coordinator.errors import ModelNotFoundError
+from coordinator.errors import CoordinatorError, ModelNotFoundError
 from coordinator.text.tokenization import ModelTokenizer, TokenizerLoadError
 from coordinator.verification.judge import Thresholds
 from proto.weights_digest import NoWeightFilesError, weights_sha256
@@ -68,7 +68,7 @@ _ENTRY_KEYS = frozenset(
 )
 
 
-class CatalogError(ValueError):
+class CatalogError(CoordinatorError, ValueError):
     """An invalid --model spec, catalog file or catalog field."""
 
 

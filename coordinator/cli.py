@@ -22,6 +22,7 @@ from coordinator.billing.limits import LimitsConfig
 from coordinator.config import CatalogSource, CoordinatorConfig, join_host_port
 from coordinator.dispatch.dispatcher import DispatchConfig
 from coordinator.dispatch.privacy import VettedMiners
+from coordinator.errors import CoordinatorError
 from coordinator.gateway.config import GatewayConfig
 from coordinator.ops.admin_report import keys_report, miners_report
 from coordinator.request_saga import BillingConfig
@@ -38,7 +39,7 @@ from ledger.postgres import PostgresLedger
 logger = logging.getLogger(__name__)
 
 
-class UsageError(Exception):
+class UsageError(CoordinatorError):
     """A bad command-line value; reported in one line, exit status 2."""
 
 

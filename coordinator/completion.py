@@ -30,14 +30,12 @@ from coordinator.api import FinishReason, TextDelta, TokenLogprob, Usage
 from coordinator.catalog import CatalogEntry, request_cost
 from coordinator.dispatch.dispatcher import MinerRun
 from coordinator.errors import LimitKind, RateLimitState, UpstreamError
+from coordinator.jobs import JobResult, MinerFinish, Receipt, TokenChunk, TopAlternatives
 from coordinator.text.detokenizer import IncrementalDetokenizer
 from coordinator.text.stop import StopMatcher
-from proto import miner_pb2
 from proto.signing import output_digest, receipt_message, request_digest
 
 logger = logging.getLogger(__name__)
-
-_FINISH = miner_pb2.FinishReason
 
 STOP_RESULT_WAIT_S = 5.0
 """How long a completion cut at a stop string waits for the miner's CANCELLED result."""
@@ -49,9 +47,9 @@ class VerifiedResult:
 
     finish_reason: FinishReason  # derived by the coordinator from the tokens
     receipt_sha256: bytes  # hash of the signed receipt bytes and signature; the ledger reference
-    receipt: miner_pb2.Receipt  # the miner's receipt
+    receipt: Receipt  # the miner's receipt
     signature: bytes  # the miner's Ed25519 signature over receipt_message(receipt)
-    miner_finish_reason: miner_pb2.FinishReason.ValueType  # as the miner reported it
+    miner_finish_reason: MinerFinish  # as the miner reported it
 
 
 class MinerMisbehaved(UpstreamError):
@@ -84,7 +82,7 @@ class RunningCompletion:
         self.received_ids: list[int] = []  # every token the miner streamed, delivered or not
         self.received_logprobs: list[float] = []  # the miner's claimed logprob of each of them
         # Their alternatives as the miner claimed them, when the buyer asked for top_logprobs.
-        self.received_top_logprobs: list[tuple[tuple[int, float], ...]] = []
+        self.received_top_logprobs: list[TopAlternatives] = []
         self.rate_limits: Mapping[LimitKind, RateLimitState] = {}  # set by the service
         self.stopped = False  # a stop string ended the output
         self.verified: VerifiedResult | None = None
@@ -206,7 +204,7 @@ class RunningCompletion:
                 return text, count, True
         return text, len(ids), False
 
-    async def _settle_stop(self, chunks: AsyncIterator[miner_pb2.TokenChunk]) -> None:
+    async def _settle_stop(self, chunks: AsyncIterator[TokenChunk]) -> None:
         """After a stop string: stops the miner and checks its result if it comes in time."""
         self.run.cancel()
         try:
@@ -223,12 +221,10 @@ class RunningCompletion:
         assert self.run.result is not None
         self._check(self.run.result)
 
-    def _receive(self, chunk: miner_pb2.TokenChunk) -> None:
+    def _receive(self, chunk: TokenChunk) -> None:
         self.received_ids.extend(chunk.token_ids)
         self.received_logprobs.extend(chunk.logprobs)
-        self.received_top_logprobs.extend(
-            tuple(zip(top.token_ids, top.logprobs, strict=True)) for top in chunk.top_logprobs
-        )
+        self.received_top_logprobs.extend(chunk.top_logprobs)
 
     def _check_hold(self) -> None:
         """Raises the hold's error once it failed: nothing more goes out unpaid."""
@@ -239,25 +235,22 @@ class RunningCompletion:
                 self.unbillable = True
                 raise error
 
-    def _check(self, result: miner_pb2.JobResult) -> None:
+    def _check(self, result: JobResult) -> None:
         try:
             self.verified = self._verify(result)
         except MinerMisbehaved as error:
             self.misbehaved = True
-            self.run.session.close(f"protocol violation: {error}")
+            self.run.worker.close(f"protocol violation: {error}")
             raise
 
     def _token_logprobs(
         self,
         ids: Sequence[int],
         logprobs: Sequence[float],
-        tops: Sequence[miner_pb2.TopLogprobs],
+        tops: Sequence[TopAlternatives],
     ) -> tuple[TokenLogprob, ...]:
         alternatives: Sequence[tuple[TokenLogprob, ...]] = [
-            tuple(
-                self._token_logprob(token_id, logprob)
-                for token_id, logprob in zip(top.token_ids, top.logprobs, strict=True)
-            )
+            tuple(self._token_logprob(token_id, logprob) for token_id, logprob in top)
             for top in tops
         ] or [()] * len(ids)
         return tuple(
@@ -274,22 +267,22 @@ class RunningCompletion:
             raw=tokenizer.token_bytes(token_id),
         )
 
-    def _verify(self, result: miner_pb2.JobResult) -> VerifiedResult:
+    def _verify(self, result: JobResult) -> VerifiedResult:
         job = self.run.job
         ids = self.received_ids
         stop_ids = set(job.sampling.stop_token_ids)
-        if result.finish_reason == _FINISH.FINISH_REASON_STOP and ids and ids[-1] in stop_ids:
+        if result.finish_reason is MinerFinish.STOP and ids and ids[-1] in stop_ids:
             finish: FinishReason = "stop"
-        elif result.finish_reason == _FINISH.FINISH_REASON_LENGTH and (
+        elif result.finish_reason is MinerFinish.LENGTH and (
             len(ids) == job.sampling.max_tokens
             or len(ids) + self.prompt_tokens >= self._entry.context_length
         ):
             finish = "length"
-        elif self.stopped and result.finish_reason == _FINISH.FINISH_REASON_CANCELLED:
+        elif self.stopped and result.finish_reason is MinerFinish.CANCELLED:
             finish = "stop"  # the coordinator cut the output at a stop string and cancelled
         else:
             raise MinerMisbehaved(
-                f"the miner reported finish reason {_FINISH.Name(result.finish_reason)} after "
+                f"the miner reported finish reason {result.finish_reason.name} after "
                 f"{len(ids)} tokens, which does not match the job"
             )
         if self.stopped:
@@ -306,7 +299,7 @@ class RunningCompletion:
         if not expected:
             raise MinerMisbehaved("the miner's receipt does not match the job it streamed")
         try:
-            Ed25519PublicKey.from_public_bytes(self.run.session.hello.public_key).verify(
+            Ed25519PublicKey.from_public_bytes(self.run.worker.public_key).verify(
                 result.signature, receipt_message(receipt)
             )
         except InvalidSignature:

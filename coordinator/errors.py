@@ -11,7 +11,22 @@ CoordinatorError
 │   ├── RateLimitedError           the key's requests or tokens per minute are spent (429)
 │   └── SpendLimitError            the request could push the key past its spend limit (429)
 ├── NoMinerAvailableError          no connected miner can take the job now (503, Retry-After)
-└── UpstreamError                  the miner failed after tokens were streamed (SSE error event)
+├── UpstreamError                  the miner failed after tokens were streamed (SSE error event)
+│   └── MinerMisbehaved            its result contradicts its stream: unpaid (completion.py)
+│
+│   Raised and handled inside the coordinator (never reach a buyer as such):
+├── CreditsShortError              the credit estimate cannot cover a request (billing/admission.py)
+├── ScorerLost                     a miner asked to score a job went away (worker.py)
+├── ClientGone                     the buyer disconnected before its answer (http/disconnect.py)
+│
+│   Startup and operator errors (one line on stderr, no traceback):
+├── CatalogError                   an invalid --model spec, catalog file or field (catalog.py)
+├── TokenizerError                 a model's tokenizer files or template (text/tokenization.py)
+│   ├── TokenizerLoadError         a file is missing or invalid
+│   └── ChatTemplateError          no chat template, or it rejected the messages
+└── UsageError                     a bad command-line value, exit status 2 (cli.py)
+
+CatalogError and TokenizerError are also ValueErrors, as they were before this tree.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from coordinator.catalog import CatalogEntry
 from coordinator.completion import RunningCompletion
 from coordinator.dispatch.privacy import PrivacyPolicy
 from coordinator.errors import InsufficientCreditsError
+from coordinator.jobs import Job
 from coordinator.ops.metrics import CoordinatorMetrics, RequestTimer
 from coordinator.verification.scoring import FinishedJob
 from ledger.interface import (
@@ -44,7 +45,6 @@ from ledger.interface import (
     Settlement,
 )
 from ledger.money import format_credits
-from proto import miner_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class RequestSaga:
         *,
         buyer: Buyer,
         entry: CatalogEntry,
-        job: miner_pb2.Job,
+        job: Job,
         max_cost: int,
         privacy: PrivacyPolicy,
     ) -> None:
@@ -256,7 +256,7 @@ class RequestSaga:
             if verified is not None
             else hashlib.sha256(completion.run.job.job_id.encode()).digest()
         )
-        miner = miner_account(completion.run.session.miner_id)
+        miner = miner_account(completion.run.worker.miner_id)
         return await self._parts.ledger.settle(
             hold, miner=miner, miner_credit=cost - fee, fee=fee, reference=reference
         )
@@ -264,7 +264,7 @@ class RequestSaga:
     def _announce(self, hold: Hold, completion: TimedCompletion, settlement: Settlement) -> None:
         """Tells who listens of a settled job: metrics, the receipts, the spot checker."""
         parts, verified = self._parts, completion.verified
-        miner_id = completion.run.session.miner_id
+        miner_id = completion.run.worker.miner_id
         parts.metrics.billed(self._entry.name, completion.usage)
         if parts.on_credit is not None and settlement.miner_credit > 0:
             parts.on_credit(CreditedJob(completion.run.job.job_id, miner_id, settlement.hold_id))
@@ -273,7 +273,7 @@ class RequestSaga:
                 FinishedJob(
                     job=completion.run.job,
                     miner_id=miner_id,
-                    device_name=completion.run.session.hello.hardware.device_name,
+                    device_name=completion.run.worker.device_name,
                     buyer=hold.buyer,
                     token_ids=tuple(completion.received_ids),
                     logprobs=tuple(completion.received_logprobs),

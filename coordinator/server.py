@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-import grpc
 from aiohttp import web
 
 from coordinator.billing.job_log import JobLog
@@ -22,8 +21,8 @@ from coordinator.dispatch.dispatcher import Dispatcher
 from coordinator.dispatch.privacy import VettedMiners
 from coordinator.dispatch.registry import MinerRegistry
 from coordinator.dispatch.router import Router, trust_from_record
+from coordinator.gateway.listener import listening
 from coordinator.gateway.servicer import MinerGateway
-from coordinator.gateway.session import MinerSession
 from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.http.usage_routes import add_usage_routes
@@ -36,14 +35,13 @@ from coordinator.verification.checker import SpotChecker
 from coordinator.verification.penalties import Penalties
 from coordinator.verification.scoring import Scoring
 from coordinator.verification.trust import TrustStore
+from coordinator.worker import Worker
 from ledger.checkpoint import CheckpointSigner
 from ledger.checkpointer import Checkpointer, CheckpointerConfig
 from ledger.database import connect
 from ledger.keyfile import load_or_create_key
 from ledger.postgres import PostgresLedger
 from ledger.public import PublishedLedger
-from proto import miner_pb2_grpc
-from proto.limits import MAX_COORDINATOR_MESSAGE_BYTES, MAX_MINER_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +141,8 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             is_vetted=vetted.is_vetted,
         )
 
-        async def open_miner_account(session: MinerSession) -> None:
-            await ledger.open_account(miner_account(session.miner_id))
+        async def open_miner_account(worker: Worker) -> None:
+            await ledger.open_account(miner_account(worker.miner_id))
 
         gateway = MinerGateway(
             config.gateway,
@@ -154,23 +152,14 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             receipts=receipts,
             is_banned=trust.is_banned,
         )
-        grpc_server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MINER_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_COORDINATOR_MESSAGE_BYTES),
-                ("grpc.keepalive_time_ms", 20_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ]
+        grpc_port = await stack.enter_async_context(
+            listening(
+                gateway,
+                address=join_host_port(config.grpc_host, config.grpc_port),
+                credentials=tls.grpc_credentials,
+                registry=registry,
+            )
         )
-        miner_pb2_grpc.add_MinerGatewayServicer_to_server(gateway, grpc_server)
-        grpc_address = join_host_port(config.grpc_host, config.grpc_port)
-        if tls.grpc_credentials is None:
-            grpc_port = grpc_server.add_insecure_port(grpc_address)
-        else:
-            grpc_port = grpc_server.add_secure_port(grpc_address, tls.grpc_credentials)
-        await grpc_server.start()
-        stack.push_async_callback(_stop_gateway, grpc_server, registry)
         app = create_app(service, max_body_bytes=config.max_body_bytes, metrics=metrics)
         published = PublishedLedger(
             pool, origin=config.ledger_origin, verifier_key=signer.verifier_key
@@ -233,10 +222,3 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             trust=trust,
             tls=tls,
         )
-
-
-async def _stop_gateway(grpc_server: grpc.aio.Server, registry: MinerRegistry) -> None:
-    """Ends every miner's session, then stops the gRPC server (2 s grace for their streams)."""
-    for session in registry.sessions():
-        session.close("coordinator shutting down")
-    await grpc_server.stop(grace=2.0)

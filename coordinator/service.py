@@ -58,6 +58,7 @@ from coordinator.errors import (
     NoMatchingEndpointError,
     NoMinerAvailableError,
 )
+from coordinator.jobs import Job, Sampling
 from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.request_saga import (
     BillingConfig,
@@ -70,7 +71,6 @@ from coordinator.text.tokenization import ChatTemplateError
 from coordinator.verification.scoring import FinishedJob
 from ledger.interface import AccountRef, Ledger
 from ledger.money import format_credits
-from proto import miner_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -197,11 +197,11 @@ class MarketplaceService:
         if max_tokens is None:
             max_tokens = await self._affordable_tokens(entry, account, len(prompt_ids))
         max_cost = request_cost(entry, prompt_tokens=len(prompt_ids), completion_tokens=max_tokens)
-        job = miner_pb2.Job(
+        job = Job(
             job_id=f"job-{uuid.uuid4().hex}",
             model=entry.name,
-            prompt_token_ids=prompt_ids,
-            sampling=miner_pb2.SamplingParams(
+            prompt_token_ids=tuple(prompt_ids),
+            sampling=Sampling(
                 temperature=request.temperature,
                 top_p=request.top_p,
                 max_tokens=max_tokens,

@@ -10,8 +10,59 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from typing import Protocol
 
-from proto import miner_pb2
+
+class SignedSampling(Protocol):
+    """The sampling fields a request digest covers (``SamplingParams`` or the coordinator's)."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def stop_token_ids(self) -> Sequence[int]: ...
+
+
+class SignedJob(Protocol):
+    """What a request digest covers: a ``miner_pb2.Job`` or ``coordinator.jobs.Job``."""
+
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def prompt_token_ids(self) -> Sequence[int]: ...
+    @property
+    def sampling(self) -> SignedSampling: ...
+
+
+class SignedReceipt(Protocol):
+    """What a receipt signature covers: a ``miner_pb2.Receipt`` or ``coordinator.jobs.Receipt``."""
+
+    @property
+    def job_id(self) -> str: ...
+    @property
+    def request_sha256(self) -> bytes: ...
+    @property
+    def output_sha256(self) -> bytes: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def completion_tokens(self) -> int: ...
+    @property
+    def weights_sha256(self) -> bytes: ...
+    @property
+    def engine(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+
 
 _CHALLENGE_TAG = b"meshmint/v1/challenge\x00"
 _REQUEST_TAG = b"meshmint/v1/request\x00"
@@ -37,7 +88,7 @@ def challenge_message(nonce: bytes, public_key: bytes) -> bytes:
     return _CHALLENGE_TAG + _blob(public_key) + _blob(nonce)
 
 
-def request_digest(job: miner_pb2.Job) -> bytes:
+def request_digest(job: SignedJob) -> bytes:
     """SHA-256 of everything that determines a job's output: model, prompt, sampling, seed."""
     sampling = job.sampling
     layout = (
@@ -63,7 +114,7 @@ def output_digest(token_ids: Sequence[int]) -> bytes:
     return hashlib.sha256(_OUTPUT_TAG + _token_ids(token_ids)).digest()
 
 
-def receipt_message(receipt: miner_pb2.Receipt) -> bytes:
+def receipt_message(receipt: SignedReceipt) -> bytes:
     """The bytes a miner signs to attest one job."""
     return (
         _RECEIPT_TAG

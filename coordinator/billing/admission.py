@@ -35,6 +35,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from coordinator.errors import CoordinatorError
 from ledger.interface import AccountRef
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ MAX_ACCOUNTS = 100_000
 """Estimates kept; beyond it, idle accounts' are dropped and re-read at their next request."""
 
 
-class CreditsShortError(Exception):
+class CreditsShortError(CoordinatorError):
     """The buyer cannot cover a request's maximum cost; ``available`` is what it can."""
 
     def __init__(self, available: int) -> None:

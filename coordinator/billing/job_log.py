@@ -1,7 +1,10 @@
 """A record of every completed job: who asked, who served, what was billed, and the receipt.
 
 Spot checks re-score jobs from here, buyers' usage history reads it, and the receipt hash in
-each row is the reference of the job's ledger settlement.
+each row is the reference of the job's ledger settlement. ``receipt`` holds the exact bytes the
+miner signed (``proto.signing.receipt_message``), so anyone with the miner's public key can check
+``receipt_signature`` without protobuf (rows written before 2026-12-08 hold the receipt's
+protobuf serialization instead; the signed layout starts with ``meshmint/v1/receipt``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncpg
 
 from coordinator.api import Buyer
 from coordinator.completion import RunningCompletion
+from proto.signing import receipt_message
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS coordinator_jobs (
@@ -43,7 +47,7 @@ class JobRecord:
     completion_tokens: int  # delivered to the buyer
     cost: int  # micro-units charged
     finish_reason: str | None  # "stop", "length", or None when the job did not finish
-    receipt: bytes | None  # serialized miner_pb2.Receipt, when the miner finished the job
+    receipt: bytes | None  # the receipt's signed bytes (receipt_message), when the job finished
     receipt_signature: bytes | None  # the miner's signature over it
 
     @classmethod
@@ -52,13 +56,13 @@ class JobRecord:
         return cls(
             job_id=completion.run.job.job_id,
             key_id=buyer.key_id,
-            miner_id=completion.run.session.miner_id,
+            miner_id=completion.run.worker.miner_id,
             model=completion.model,
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=len(completion.delivered_ids),
             cost=cost,
             finish_reason=completion.finish_reason,
-            receipt=verified.receipt.SerializeToString() if verified else None,
+            receipt=receipt_message(verified.receipt) if verified else None,
             receipt_signature=verified.signature if verified else None,
         )
 

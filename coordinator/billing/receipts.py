@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from coordinator.dispatch.registry import MinerRegistry
-from coordinator.gateway.session import MinerSession
+from coordinator.worker import ConsistencyProof, CreditReceipt, WitnessAlarm, Worker
 from ledger.log_reader import LogRangeError, LogReader, StoredCheckpoint
-from proto import miner_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -110,51 +109,49 @@ class LedgerReceipts:
             if self._pending:
                 logger.info("%d credit receipts not sent: shutting down", len(self._pending))
 
-    def handle(self, session: MinerSession, message: miner_pb2.MinerMessage) -> None:
-        """Takes a miner's ConsistencyRequest or WitnessAlarm (the session routes them here)."""
-        kind = message.WhichOneof("body")
-        if kind == "witness_alarm":
-            alarm = message.witness_alarm
-            logger.critical(
-                "miner %s reports a ledger fork or tampering: %s; its checkpoint %r, the "
-                "contradicting one %r",
-                session.miner_id,
-                alarm.message[:_MAX_ALARM_LOG_CHARS],
-                alarm.old_checkpoint[:_MAX_ALARM_LOG_CHARS],
-                alarm.new_checkpoint[:_MAX_ALARM_LOG_CHARS],
-            )
-        elif kind == "consistency_request":
-            busy = self._answering.get(session.miner_id)
-            if busy is not None and not busy.done():
-                # A witness asks one at a time; more is load nobody needs. It will ask again.
-                logger.warning(
-                    "miner %s sent a consistency request before the last was answered; ignored",
-                    session.miner_id[:12],
-                )
-                return
-            self._answering[session.miner_id] = asyncio.create_task(
-                self._answer(session, message.consistency_request)
-            )
+    def alarm_raised(self, worker: Worker, alarm: WitnessAlarm) -> None:
+        """A miner's proof failed: the ledger forked or was tampered with."""
+        logger.critical(
+            "miner %s reports a ledger fork or tampering: %s; its checkpoint %r, the "
+            "contradicting one %r",
+            worker.miner_id,
+            alarm.message[:_MAX_ALARM_LOG_CHARS],
+            alarm.old_checkpoint[:_MAX_ALARM_LOG_CHARS],
+            alarm.new_checkpoint[:_MAX_ALARM_LOG_CHARS],
+        )
 
-    async def _answer(self, session: MinerSession, request: miner_pb2.ConsistencyRequest) -> None:
-        old, new = request.old_size, request.new_size
+    def consistency_requested(self, worker: Worker, *, old_size: int, new_size: int) -> None:
+        """Answers a miner's consistency request in the background, one at a time per miner."""
+        busy = self._answering.get(worker.miner_id)
+        if busy is not None and not busy.done():
+            # A witness asks one at a time; more is load nobody needs. It will ask again.
+            logger.warning(
+                "miner %s sent a consistency request before the last was answered; ignored",
+                worker.miner_id[:12],
+            )
+            return
+        self._answering[worker.miner_id] = asyncio.create_task(
+            self._answer(worker, old_size, new_size)
+        )
+
+    async def _answer(self, worker: Worker, old: int, new: int) -> None:
         try:
             hashes = await self._reader.consistency_proof(old, new)
             signed = await self._reader.checkpoints(new, 1)
             note = signed[0].note if signed and signed[0].size == new else b""
-            proof = miner_pb2.ConsistencyProof(
-                old_size=old, new_size=new, hashes=hashes, checkpoint=note
+            proof = ConsistencyProof(
+                old_size=old, new_size=new, hashes=tuple(hashes), checkpoint=note
             )
         except LogRangeError as error:
-            proof = miner_pb2.ConsistencyProof(old_size=old, new_size=new, error=str(error))
+            proof = ConsistencyProof(old_size=old, new_size=new, error=str(error))
         except (OSError, asyncpg.PostgresError):
             # Transient: no answer at all, so the miner retries instead of raising an alarm.
             logger.warning("cannot prove consistency %d -> %d now", old, new, exc_info=True)
             return
         finally:
-            self._answering.pop(session.miner_id, None)
-        if session.closed_reason is None:
-            session.outbox.put_nowait(miner_pb2.CoordinatorMessage(consistency_proof=proof))
+            self._answering.pop(worker.miner_id, None)
+        if worker.closed_reason is None:
+            worker.send_consistency_proof(proof)
 
     async def _loop(self) -> None:
         while True:
@@ -190,18 +187,18 @@ class LedgerReceipts:
 
     async def _send_covered(self, covered: list[_Pending], checkpoint: StoredCheckpoint) -> None:
         """Sends receipts for entries ``checkpoint`` covers: one proof query for all of them."""
-        online = {session.miner_id for session in self._registry.sessions()}
+        online = {worker.miner_id for worker in self._registry.workers()}
         proofs = await self._reader.inclusion_proofs(
             [p.seq for p in covered if p.seq is not None and p.job.miner_id in online],
             checkpoint.size,
         )
-        # Sessions as they are after the query: one that closed meanwhile gets no receipt.
-        sessions = {session.miner_id: session for session in self._registry.sessions()}
+        # Workers as they are after the query: one that closed meanwhile gets no receipt.
+        workers = {worker.miner_id: worker for worker in self._registry.workers()}
         for pending in covered:
-            session = sessions.get(pending.job.miner_id)
+            worker = workers.get(pending.job.miner_id)
             proof = proofs.get(pending.seq) if pending.seq is not None else None
-            if session is not None and session.closed_reason is None and proof is not None:
-                self._send(session, pending, checkpoint, proof)
+            if worker is not None and worker.closed_reason is None and proof is not None:
+                self._send(worker, pending, checkpoint, proof)
             else:
                 logger.info(
                     "miner %s is offline: no receipt for job %s",
@@ -227,21 +224,22 @@ class LedgerReceipts:
 
     def _send(
         self,
-        session: MinerSession,
+        worker: Worker,
         pending: _Pending,
         checkpoint: StoredCheckpoint,
         proof: list[bytes],
     ) -> None:
         assert pending.seq is not None
-        receipt = miner_pb2.CreditReceipt(
-            job_id=pending.job.job_id,
-            entry=pending.leaf,
-            index=pending.seq,
-            tree_size=checkpoint.size,
-            inclusion_proof=proof,
-            checkpoint=checkpoint.note,
+        worker.send_credit_receipt(
+            CreditReceipt(
+                job_id=pending.job.job_id,
+                entry=pending.leaf,
+                index=pending.seq,
+                tree_size=checkpoint.size,
+                inclusion_proof=tuple(proof),
+                checkpoint=checkpoint.note,
+            )
         )
-        session.outbox.put_nowait(miner_pb2.CoordinatorMessage(credit_receipt=receipt))
         logger.debug(
             "receipt for job %s: entry %d in checkpoint %d",
             pending.job.job_id,

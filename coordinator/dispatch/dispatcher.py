@@ -26,9 +26,9 @@ from coordinator.dispatch.privacy import Eligible, anyone
 from coordinator.dispatch.registry import MinerRegistry
 from coordinator.dispatch.router import Router
 from coordinator.errors import NoMinerAvailableError, UpstreamError
-from coordinator.gateway.session import JobChannel, MinerLost, MinerSession
+from coordinator.jobs import Job, JobFailure, JobResult, MinerLost, TokenChunk
 from coordinator.ops.metrics import CoordinatorMetrics
-from proto import miner_pb2
+from coordinator.worker import JobStream, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -50,27 +50,27 @@ class MinerRun:
 
     def __init__(
         self,
-        session: MinerSession,
-        channel: JobChannel,
-        first: miner_pb2.TokenChunk,
+        worker: Worker,
+        stream: JobStream,
+        first: TokenChunk,
         *,
         token_timeout_s: float,
     ) -> None:
-        self.session = session
-        self.channel = channel
-        self._first: miner_pb2.TokenChunk | None = first
+        self.worker = worker
+        self.stream = stream
+        self._first: TokenChunk | None = first
         self._token_timeout_s = token_timeout_s
-        self.result: miner_pb2.JobResult | None = None
+        self.result: JobResult | None = None
 
     @property
-    def job(self) -> miner_pb2.Job:
-        return self.channel.job
+    def job(self) -> Job:
+        return self.stream.job
 
     @property
     def done(self) -> bool:
-        return self.result is not None or self.channel.finished
+        return self.result is not None or self.stream.finished
 
-    async def chunks(self) -> AsyncIterator[miner_pb2.TokenChunk]:
+    async def chunks(self) -> AsyncIterator[TokenChunk]:
         """Token chunks in order; ends when the miner's result arrives (kept in ``result``).
 
         Chunks that queued up while the reader was busy come as one (``merge_queued``).
@@ -79,15 +79,15 @@ class MinerRun:
         """
         if self._first is not None:
             first, self._first = self._first, None
-            yield self.channel.merge_queued(first)
+            yield self.stream.merge_queued(first)
         while True:
-            event = await self.channel.next_event(wait_s=self._token_timeout_s)
-            if isinstance(event, miner_pb2.TokenChunk):
-                yield self.channel.merge_queued(event)
-            elif isinstance(event, miner_pb2.JobResult):
+            event = await self.stream.next_event(wait_s=self._token_timeout_s)
+            if isinstance(event, TokenChunk):
+                yield self.stream.merge_queued(event)
+            elif isinstance(event, JobResult):
                 self.result = event
                 return
-            elif isinstance(event, miner_pb2.JobFailure):
+            elif isinstance(event, JobFailure):
                 raise UpstreamError(f"the miner failed: {event.message}")
             else:
                 raise UpstreamError(f"the miner was lost: {event.reason}")
@@ -95,7 +95,7 @@ class MinerRun:
     def cancel(self) -> None:
         """Stops the miner generating (the buyer went away or the job is being abandoned)."""
         if not self.done:
-            self.session.cancel_job(self.job.job_id)
+            self.worker.cancel_job(self.job.job_id)
 
 
 class _NoSlot(Exception):
@@ -133,7 +133,7 @@ class Dispatcher:
 
     def has_miners(self, model: str, *, eligible: Eligible = anyone) -> bool:
         """Whether a connected miner serves ``model`` (one that ``eligible`` admits)."""
-        return any(eligible(session) for session in self._registry.serving(model))
+        return any(eligible(worker) for worker in self._registry.serving(model))
 
     def queue_depth(self, model: str | None = None) -> int:
         """Requests waiting for a slot of ``model``, or of every model."""
@@ -143,7 +143,7 @@ class Dispatcher:
 
     async def start(
         self,
-        job: miner_pb2.Job,
+        job: Job,
         *,
         sort: ProviderSort | None = None,
         allow_fallbacks: bool = True,
@@ -162,39 +162,37 @@ class Dispatcher:
         failures: list[str] = []
         for _ in range(attempts):
             try:
-                session = await self._acquire(
+                worker = await self._acquire(
                     job.model, exclude=tried, deadline=deadline, sort=sort, eligible=eligible
                 )
             except _NoSlot as busy:
                 failures.append(str(busy))
                 break
-            if session is None:
+            if worker is None:
                 break
-            tried.add(session.miner_id)
-            channel = session.start_job(job)
+            tried.add(worker.miner_id)
+            stream = worker.start_job(job)
             try:
-                event = await channel.next_event(wait_s=self._config.first_token_timeout_s)
+                event = await stream.next_event(wait_s=self._config.first_token_timeout_s)
             except BaseException:
                 # The buyer left while we waited: the miner must not generate for nobody.
-                session.abandon_job(job.job_id)
+                worker.abandon_job(job.job_id)
                 raise
-            if isinstance(event, miner_pb2.TokenChunk):
-                return MinerRun(
-                    session, channel, event, token_timeout_s=self._config.token_timeout_s
-                )
-            if isinstance(event, MinerLost) and session.closed_reason is None:
+            if isinstance(event, TokenChunk):
+                return MinerRun(worker, stream, event, token_timeout_s=self._config.token_timeout_s)
+            if isinstance(event, MinerLost) and worker.closed_reason is None:
                 # Silent past the first-token timeout: slow, and the router should know it.
-                session.speed.first_token(self._config.first_token_timeout_s)
+                worker.speed.first_token(self._config.first_token_timeout_s)
             reason = _describe(event)
-            failures.append(f"{session.miner_id[:12]}: {reason}")
+            failures.append(f"{worker.miner_id[:12]}: {reason}")
             logger.info(
                 "job %s: miner %s failed before output (%s); %s",
                 job.job_id,
-                session.miner_id[:12],
+                worker.miner_id[:12],
                 reason,
                 "trying another" if allow_fallbacks else "no fallbacks allowed",
             )
-            session.abandon_job(job.job_id)
+            worker.abandon_job(job.job_id)
         detail = "; ".join(failures) if failures else "all miners are busy or none is connected"
         logger.info("no miner for job %s of %s: %s", job.job_id, job.model, detail)
         raise NoMinerAvailableError(
@@ -210,7 +208,7 @@ class Dispatcher:
         deadline: float,
         sort: ProviderSort | None,
         eligible: Eligible,
-    ) -> MinerSession | None:
+    ) -> Worker | None:
         """A miner with a free slot, waiting for one in the model's queue if need be.
 
         None when no miner left untried serves the model (nothing to wait for); _NoSlot when the
@@ -220,11 +218,9 @@ class Dispatcher:
         queue = self._queues.get(model)
         retry = bool(exclude)
         if retry or not queue:
-            session = self._router.pick(
-                self._available(model, eligible), exclude=exclude, sort=sort
-            )
-            if session is not None:
-                return session
+            worker = self._router.pick(self._available(model, eligible), exclude=exclude, sort=sort)
+            if worker is not None:
+                return worker
         if not any(
             s.miner_id not in exclude and eligible(s) for s in self._registry.serving(model)
         ):
@@ -251,11 +247,11 @@ class Dispatcher:
                 except TimeoutError:
                     raise _NoSlot(self._stayed_busy()) from None
                 waiter.woken.clear()
-                session = self._router.pick(
+                worker = self._router.pick(
                     self._available(model, eligible), exclude=exclude, sort=sort
                 )
-                if session is not None:
-                    return session
+                if worker is not None:
+                    return worker
                 # Another request took the slot first (a retry, or a miner left): keep the place.
         finally:
             queue.remove(waiter)
@@ -266,11 +262,11 @@ class Dispatcher:
                 # Woken but leaving without the slot (cancelled, timed out): pass it on.
                 self._wake(model)
 
-    def _available(self, model: str, eligible: Eligible) -> list[MinerSession]:
-        return [session for session in self._registry.available(model) if eligible(session)]
+    def _available(self, model: str, eligible: Eligible) -> list[Worker]:
+        return [worker for worker in self._registry.available(model) if eligible(worker)]
 
-    def _capacity(self, session: MinerSession) -> None:
-        for model in session.models:
+    def _capacity(self, worker: Worker) -> None:
+        for model in worker.models:
             if model in self._queues:
                 self._wake(model)
 
@@ -280,7 +276,7 @@ class Dispatcher:
         if not queue:
             return
         available = self._registry.available(model)
-        free = sum(session.free_slots for session in available)
+        free = sum(worker.free_slots for worker in available)
         free -= sum(1 for waiter in queue if waiter.woken.is_set())
         for waiter in queue:
             if free <= 0:
@@ -288,8 +284,8 @@ class Dispatcher:
             if waiter.woken.is_set():
                 continue
             if any(
-                session.miner_id not in waiter.exclude and waiter.eligible(session)
-                for session in available
+                worker.miner_id not in waiter.exclude and waiter.eligible(worker)
+                for worker in available
             ):
                 waiter.woken.set()
                 free -= 1
@@ -305,8 +301,8 @@ class Dispatcher:
             self._metrics.queue_depth.set(self._queued)
 
 
-def _describe(event: miner_pb2.JobResult | miner_pb2.JobFailure | MinerLost) -> str:
-    if isinstance(event, miner_pb2.JobFailure):
+def _describe(event: JobResult | JobFailure | MinerLost) -> str:
+    if isinstance(event, JobFailure):
         return event.message or "failed"
     if isinstance(event, MinerLost):
         return event.reason

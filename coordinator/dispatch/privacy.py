@@ -33,7 +33,7 @@ import asyncpg
 from coordinator.pg_listener import ChannelListener
 
 if TYPE_CHECKING:
-    from coordinator.gateway.session import MinerSession
+    from coordinator.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +75,11 @@ class PrivacyPolicy:
         return " and ".join(parts) or "any"
 
 
-Eligible = Callable[["MinerSession"], bool]
+Eligible = Callable[["Worker"], bool]
 """Whether a connected miner may see a given request's prompt."""
 
 
-def anyone(session: MinerSession) -> bool:
+def anyone(worker: Worker) -> bool:
     """The eligibility of an unrestricted request."""
     return True
 
@@ -94,8 +94,8 @@ def eligibility(policy: PrivacyPolicy, *, is_vetted: Callable[[str], bool]) -> E
     if not policy.restricted:
         return anyone
 
-    def eligible(session: MinerSession) -> bool:
-        return policy.admits(vetted=is_vetted(session.miner_id), retains_data=session.retains_data)
+    def eligible(worker: Worker) -> bool:
+        return policy.admits(vetted=is_vetted(worker.miner_id), retains_data=worker.retains_data)
 
     return eligible
 

@@ -37,8 +37,8 @@ import random
 from collections.abc import Callable, Collection, Sequence
 
 from coordinator.api import ProviderSort
-from coordinator.gateway.session import MinerSession
 from coordinator.verification.trust import TrustRecord
+from coordinator.worker import Worker
 
 SHARPNESS = 4
 """Exponent of the default score: how strongly free capacity and speed decide."""
@@ -83,45 +83,45 @@ class Router:
 
     def pick(
         self,
-        candidates: Sequence[MinerSession],
+        candidates: Sequence[Worker],
         *,
         exclude: Collection[str] = (),
         sort: ProviderSort | None = None,
-    ) -> MinerSession | None:
+    ) -> Worker | None:
         """A miner drawn by score; None when no candidate has a free slot and trust."""
         scored = self.scores(candidates, exclude=exclude, sort=sort)
         if not scored:
             return None
-        sessions = [session for session, _ in scored]
+        workers = [worker for worker, _ in scored]
         weights = [score for _, score in scored]
         if not sum(weights) > 0:
             # Scores can underflow to 0 only in absurd spreads of speed; stay available.
-            return self._rng.choice(sessions)
-        return self._rng.choices(sessions, weights)[0]
+            return self._rng.choice(workers)
+        return self._rng.choices(workers, weights)[0]
 
     def scores(
         self,
-        candidates: Sequence[MinerSession],
+        candidates: Sequence[Worker],
         *,
         exclude: Collection[str] = (),
         sort: ProviderSort | None = None,
-    ) -> list[tuple[MinerSession, float]]:
+    ) -> list[tuple[Worker, float]]:
         """The eligible candidates with their scores (unnormalized), in candidate order."""
-        eligible: list[tuple[MinerSession, float]] = []
-        for session in candidates:
-            if session.miner_id in exclude or session.free_slots <= 0:
+        eligible: list[tuple[Worker, float]] = []
+        for worker in candidates:
+            if worker.miner_id in exclude or worker.free_slots <= 0:
                 continue
-            trust = min(1.0, max(0.0, self._trust(session.miner_id)))
+            trust = min(1.0, max(0.0, self._trust(worker.miner_id)))
             if trust > 0:
-                eligible.append((session, trust))
+                eligible.append((worker, trust))
         if not eligible:
             return []
-        ttfts = [_ttft(session) for session, _ in eligible]
-        rates = [session.speed.tokens_per_s for session, _ in eligible]
+        ttfts = [_ttft(worker) for worker, _ in eligible]
+        rates = [worker.speed.tokens_per_s for worker, _ in eligible]
         best_ttft = min((t for t in ttfts if t is not None), default=None)
         best_rate = max((r for r in rates if r is not None), default=None)
         scored = []
-        for (session, trust), ttft, rate in zip(eligible, ttfts, rates, strict=True):
+        for (worker, trust), ttft, rate in zip(eligible, ttfts, rates, strict=True):
             ttft_rel = best_ttft / ttft if best_ttft is not None and ttft is not None else 1.0
             rate_rel = rate / best_rate if best_rate and rate is not None else 1.0
             if sort == "latency":
@@ -129,13 +129,13 @@ class Router:
             elif sort == "throughput":
                 score = trust * rate_rel**SORT_SHARPNESS
             else:
-                free_share = session.free_slots / session.max_concurrency
+                free_share = worker.free_slots / worker.max_concurrency
                 speed = math.sqrt(ttft_rel * rate_rel)
                 score = trust * (free_share * speed) ** SHARPNESS
-            scored.append((session, score))
+            scored.append((worker, score))
         return scored
 
 
-def _ttft(session: MinerSession) -> float | None:
-    ttft = session.speed.ttft_s
+def _ttft(worker: Worker) -> float | None:
+    ttft = worker.speed.ttft_s
     return None if ttft is None else max(ttft, _MIN_TTFT_S)

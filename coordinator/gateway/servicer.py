@@ -21,6 +21,7 @@ from coordinator.dispatch.registry import MinerRegistry
 from coordinator.gateway.config import GatewayConfig
 from coordinator.gateway.handshake import check_hello, refusal, signature_is_valid
 from coordinator.gateway.session import MinerSession
+from coordinator.worker import Worker
 from proto import miner_pb2, miner_pb2_grpc
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
         *,
         catalog: Catalog,
         registry: MinerRegistry,
-        on_welcome: Callable[[MinerSession], Awaitable[None]] | None = None,
+        on_welcome: Callable[[Worker], Awaitable[None]] | None = None,
         receipts: LedgerReceipts | None = None,
         is_banned: Callable[[str], bool] | None = None,
     ) -> None:
@@ -103,7 +104,7 @@ class MinerGateway(miner_pb2_grpc.MinerGatewayServicer):
                 model.name: self._catalog.get(model.name).tokenizer.vocab_size
                 for model in hello.models
             },
-            on_witness_message=self._receipts.handle if self._receipts is not None else None,
+            witness_desk=self._receipts,
         )
         if self._on_welcome is not None:
             await self._on_welcome(session)

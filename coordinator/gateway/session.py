@@ -1,8 +1,9 @@
-"""One welcomed miner: its announced facts, its outbox, and the jobs it is running.
+"""One welcomed miner's gRPC stream, as the :class:`coordinator.worker.Worker` the rest sees.
 
-The gRPC servicer owns the stream; the session is what the rest of the coordinator sees. Events
-for a job (token chunks, the result, a failure, or the loss of the miner) are queued per job so
-that the dispatcher can wait on exactly the job it started.
+The gRPC servicer owns the stream; the session validates each message from the miner, turns it
+into a domain value (``coordinator/gateway/wire.py``) and queues it on the job it belongs to, so
+that the dispatcher can wait on exactly the job it started. What the coordinator sends goes out
+through ``outbox`` as protobuf.
 
 The session also measures the miner's speed as its messages arrive (``speed``, see
 :mod:`coordinator.dispatch.speed`) and tells ``on_slot_freed`` whenever a job slot frees, so
@@ -14,11 +15,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 from coordinator.dispatch.speed import MinerSpeed
+from coordinator.gateway import wire
+from coordinator.gateway.handshake import refusal
+from coordinator.jobs import Job, MinerLost, ScoreRequest, ScoreResult
+from coordinator.worker import (
+    ConsistencyProof,
+    CreditReceipt,
+    JobStream,
+    LedgerWitnessDesk,
+    ScorerLost,
+    SlashNotice,
+    Worker,
+)
 from proto import miner_pb2
 from proto.limits import MAX_TOKENS_PER_CHUNK, MAX_TOP_LOGPROB_TOKENS_PER_CHUNK
 
@@ -26,90 +37,10 @@ logger = logging.getLogger(__name__)
 
 _MAX_ABANDONED = 1024
 _MAX_EXPIRED_SCORES = 1024
-_WITNESS_KINDS = frozenset({"consistency_request", "witness_alarm"})
-
-
-@dataclass(frozen=True)
-class MinerLost:
-    """The miner went away (disconnected, evicted, or violated the protocol)."""
-
-    reason: str  # shown in logs and, mid-stream, to the buyer
-
-
-class ScorerLost(Exception):
-    """The miner asked to score a job went away before answering."""
-
-
-JobEvent = miner_pb2.TokenChunk | miner_pb2.JobResult | miner_pb2.JobFailure | MinerLost
-
-
-class JobChannel:
-    """Events of one job on one miner, in arrival order."""
-
-    def __init__(self, job: miner_pb2.Job) -> None:
-        self.job = job
-        self.tokens_received = 0
-        self.finished = False
-        self.stopped = False  # a stop token arrived: nothing may follow it
-        # Arrival times for the miner's speed: the job queued, its first and its latest chunk.
-        self.sent_at = time.monotonic()
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.first_chunk_tokens = 0
-        self._stop_ids = frozenset(job.sampling.stop_token_ids)
-        self._events: deque[JobEvent] = deque()
-        self._waiter: asyncio.Future[None] | None = None  # the reader waiting for an event
-
-    def accept_tokens(self, token_ids: Sequence[int]) -> str | None:
-        """Counts arriving tokens; returns a violation when they cannot follow what came before."""
-        if self.stopped or any(token in self._stop_ids for token in token_ids[:-1]):
-            return "tokens after a stop token"
-        self.stopped = token_ids[-1] in self._stop_ids
-        self.tokens_received += len(token_ids)
-        if self.tokens_received > self.job.sampling.max_tokens:
-            return f"more than max_tokens={self.job.sampling.max_tokens} tokens"
-        return None
-
-    def put(self, event: JobEvent) -> None:
-        self._events.append(event)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def next_event(self, *, wait_s: float) -> JobEvent:
-        """The next event; MinerLost when none arrives within ``wait_s`` seconds."""
-        if not self._events:
-            # A bare future and one timer: asyncio.wait_for around a queue would add a task.
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(wait_s):
-                    await self._waiter
-            except TimeoutError:
-                return MinerLost(f"no answer from the miner within {wait_s:g} s")
-            finally:
-                self._waiter = None
-        return self._events.popleft()
-
-    def merge_queued(self, chunk: miner_pb2.TokenChunk) -> miner_pb2.TokenChunk:
-        """``chunk`` followed by the token chunks already queued behind it, as one chunk.
-
-        A reader that fell behind the miner (a slow buyer, a busy coordinator) then handles
-        one delta instead of many: the text and the billing are the same, the work is not.
-        """
-        if not self._events or not isinstance(self._events[0], miner_pb2.TokenChunk):
-            return chunk
-        merged = miner_pb2.TokenChunk()
-        merged.CopyFrom(chunk)
-        while self._events and isinstance(self._events[0], miner_pb2.TokenChunk):
-            following = self._events.popleft()
-            assert isinstance(following, miner_pb2.TokenChunk)
-            merged.token_ids.extend(following.token_ids)
-            merged.logprobs.extend(following.logprobs)
-            merged.top_logprobs.extend(following.top_logprobs)
-        return merged
 
 
 class MinerSession:
-    """A miner that passed the handshake and may be given jobs."""
+    """A miner that passed the handshake and may be given jobs: a :class:`Worker`."""
 
     def __init__(
         self,
@@ -117,13 +48,18 @@ class MinerSession:
         *,
         miner_id: str,
         vocab_sizes: Mapping[str, int],
-        on_witness_message: Callable[[MinerSession, miner_pb2.MinerMessage], None] | None = None,
+        witness_desk: LedgerWitnessDesk | None = None,
     ) -> None:
-        """``on_witness_message`` takes the miner's ledger messages (consistency requests,
-        alarms); without it they are protocol violations."""
+        """``witness_desk`` takes the miner's ledger messages (consistency requests, alarms);
+        without it they are protocol violations."""
         self.miner_id = miner_id
         self.hello = hello
+        self.public_key = hello.public_key
         self.models = frozenset(model.name for model in hello.models)
+        self.device_name = hello.hardware.device_name
+        self.accelerator = hello.hardware.accelerator
+        # Anything but a declared NONE may keep prompts or completions.
+        self.retains_data = hello.data_retention != miner_pb2.DATA_RETENTION_NONE
         self.max_concurrency = max(1, hello.max_concurrency)
         self.connected_at = time.monotonic()
         self.last_seen = time.monotonic()
@@ -132,23 +68,18 @@ class MinerSession:
         self.speed = MinerSpeed()  # measured on arrival of its tokens, never from its claims
         # Told whenever a job slot frees (a result, a failure, an abandoned job); the registry
         # sets it so that requests queued for a busy model can be woken.
-        self.on_slot_freed: Callable[[MinerSession], None] | None = None
+        self.on_slot_freed: Callable[[Worker], None] | None = None
         self._vocab_sizes = dict(vocab_sizes)
-        self._on_witness_message = on_witness_message
-        self._jobs: dict[str, JobChannel] = {}
+        self._witness_desk = witness_desk
+        self._jobs: dict[str, JobStream] = {}
         # Jobs given up on before their first token (e.g. the miner was too slow): whatever the
         # miner still sends for them is dropped, not treated as a protocol violation.
         self._abandoned: set[str] = set()
         # Spot checks this miner was asked to score, by score id; and those given up on.
-        self._scores: dict[str, asyncio.Future[miner_pb2.ScoreResult]] = {}
+        self._scores: dict[str, asyncio.Future[ScoreResult]] = {}
         self._expired_scores: set[str] = set()
         # None is the end-of-stream marker for the servicer's response generator.
         self.outbox: asyncio.Queue[miner_pb2.CoordinatorMessage | None] = asyncio.Queue()
-
-    @property
-    def retains_data(self) -> bool:
-        """Whether the miner may keep prompts or completions: anything but a declared NONE."""
-        return self.hello.data_retention != miner_pb2.DATA_RETENTION_NONE
 
     @property
     def active_jobs(self) -> int:
@@ -166,16 +97,16 @@ class MinerSession:
             and self.free_slots > 0
         )
 
-    def start_job(self, job: miner_pb2.Job) -> JobChannel:
-        channel = JobChannel(job)
-        self._jobs[job.job_id] = channel
-        self.outbox.put_nowait(miner_pb2.CoordinatorMessage(job=job))
-        return channel
+    def start_job(self, job: Job) -> JobStream:
+        stream = JobStream(job)
+        self._jobs[job.job_id] = stream
+        self.outbox.put_nowait(miner_pb2.CoordinatorMessage(job=wire.job_message(job)))
+        return stream
 
     def cancel_job(self, job_id: str) -> None:
         """Asks the miner to stop a job; its slot frees when the miner answers or goes away."""
-        channel = self._jobs.get(job_id)
-        if channel is not None and not channel.finished and self.closed_reason is None:
+        stream = self._jobs.get(job_id)
+        if stream is not None and not stream.finished and self.closed_reason is None:
             self.outbox.put_nowait(
                 miner_pb2.CoordinatorMessage(cancel=miner_pb2.CancelJob(job_id=job_id))
             )
@@ -188,15 +119,15 @@ class MinerSession:
                 self._abandoned.add(job_id)
             self._slot_freed()
 
-    def start_score(self, score: miner_pb2.ScoreJob) -> asyncio.Future[miner_pb2.ScoreResult]:
-        """Sends a score job; the future resolves with the result, or fails with
+    def start_score(self, request: ScoreRequest) -> asyncio.Future[ScoreResult]:
+        """Sends a score request; the future resolves with the result, or fails with
         :class:`ScorerLost` when the miner goes away first."""
-        future: asyncio.Future[miner_pb2.ScoreResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[ScoreResult] = asyncio.get_running_loop().create_future()
         if self.closed_reason is not None:
             future.set_exception(ScorerLost(self.closed_reason))
             return future
-        self._scores[score.score_id] = future
-        self.outbox.put_nowait(miner_pb2.CoordinatorMessage(score=score))
+        self._scores[request.score_id] = future
+        self.outbox.put_nowait(miner_pb2.CoordinatorMessage(score=wire.score_message(request)))
         return future
 
     def expire_score(self, score_id: str) -> None:
@@ -206,8 +137,26 @@ class MinerSession:
                 self._expired_scores.clear()
             self._expired_scores.add(score_id)
 
-    def notify(self, message: miner_pb2.CoordinatorMessage) -> None:
-        """Queues a message that belongs to no job (e.g. a slash notice)."""
+    def send_credit_receipt(self, receipt: CreditReceipt) -> None:
+        self._notify(wire.credit_receipt_message(receipt))
+
+    def send_consistency_proof(self, proof: ConsistencyProof) -> None:
+        self._notify(wire.consistency_proof_message(proof))
+
+    def send_slash_notice(self, notice: SlashNotice) -> None:
+        self._notify(wire.slash_notice_message(notice))
+
+    def ban(self, message: str, *, reason: str) -> None:
+        """Refuses the banned key with ``message`` and ends the session."""
+        self._notify(
+            miner_pb2.CoordinatorMessage(
+                refusal=refusal(miner_pb2.REFUSAL_REASON_BANNED_KEY, message)
+            )
+        )
+        self.close(reason)
+
+    def _notify(self, message: miner_pb2.CoordinatorMessage) -> None:
+        """Queues a message that belongs to no job, unless the session is over."""
         if self.closed_reason is None:
             self.outbox.put_nowait(message)
 
@@ -215,70 +164,80 @@ class MinerSession:
         """Routes one message from the miner. Returns a protocol violation, or None when fine."""
         self.last_seen = time.monotonic()
         kind = message.WhichOneof("body")
+        if kind == "chunk":
+            return self._deliver_chunk(message.chunk)
         if kind == "heartbeat":
             return None
+        if kind == "result" or kind == "failure":
+            return self._deliver_end(message, kind)
+        if kind == "score_result":
+            return self._deliver_score(message.score_result)
         if kind == "drain":
             logger.info("miner %s is draining: %s", self.miner_id[:12], message.drain.reason)
             self.draining = True
             return None
-        if kind == "chunk":
-            return self._deliver_chunk(message.chunk)
-        if kind == "score_result":
-            return self._deliver_score(message.score_result)
-        if kind in _WITNESS_KINDS and self._on_witness_message is not None:
-            self._on_witness_message(self, message)
+        if kind == "consistency_request" and self._witness_desk is not None:
+            request = message.consistency_request
+            self._witness_desk.consistency_requested(
+                self, old_size=request.old_size, new_size=request.new_size
+            )
             return None
-        if kind in ("result", "failure"):
-            event = message.result if kind == "result" else message.failure
-            if event.job_id in self._abandoned:
-                self._abandoned.discard(event.job_id)
-                return None
-            channel = self._jobs.get(event.job_id)
-            if channel is None:
-                return f"{kind} for unknown job {event.job_id!r}"
-            channel.finished = True
-            self._jobs.pop(event.job_id, None)
-            if kind == "result":
-                self._measure_decode(channel)
-            channel.put(event)
-            self._slot_freed()
+        if kind == "witness_alarm" and self._witness_desk is not None:
+            self._witness_desk.alarm_raised(self, wire.witness_alarm(message.witness_alarm))
             return None
         return f"unexpected {kind or 'empty'} message after the handshake"
+
+    def _deliver_end(self, message: miner_pb2.MinerMessage, kind: str) -> str | None:
+        job_id = message.result.job_id if kind == "result" else message.failure.job_id
+        if job_id in self._abandoned:
+            self._abandoned.discard(job_id)
+            return None
+        stream = self._jobs.pop(job_id, None)
+        if stream is None:
+            return f"{kind} for unknown job {job_id!r}"
+        stream.finished = True
+        if kind == "result":
+            self._measure_decode(stream)
+            stream.put(wire.job_result(message.result))
+        else:
+            stream.put(wire.job_failure(message.failure))
+        self._slot_freed()
+        return None
 
     def _deliver_chunk(self, chunk: miner_pb2.TokenChunk) -> str | None:
         if chunk.job_id in self._abandoned:
             return None
-        channel = self._jobs.get(chunk.job_id)
-        if channel is None:
+        stream = self._jobs.get(chunk.job_id)
+        if stream is None:
             return f"tokens for unknown job {chunk.job_id!r}"
         if len(chunk.logprobs) != len(chunk.token_ids) or not chunk.token_ids:
             return "token chunk with mismatched or empty token_ids/logprobs"
         if len(chunk.token_ids) > MAX_TOKENS_PER_CHUNK:
             return f"token chunk with more than {MAX_TOKENS_PER_CHUNK} tokens"
-        vocab_size = self._vocab_sizes[channel.job.model]
+        vocab_size = self._vocab_sizes[stream.job.model]
         if any(token >= vocab_size for token in chunk.token_ids):
-            return f"token id outside the vocabulary of {channel.job.model} ({vocab_size})"
+            return f"token id outside the vocabulary of {stream.job.model} ({vocab_size})"
         problem = _top_logprobs_problem(
-            chunk, asked=channel.job.sampling.top_logprobs, vocab_size=vocab_size
+            chunk, asked=stream.job.sampling.top_logprobs, vocab_size=vocab_size
         )
         if problem is not None:
             return problem
-        violation = channel.accept_tokens(chunk.token_ids)
+        violation = stream.accept_tokens(chunk.token_ids)
         if violation is None:
             now = time.monotonic()
-            if channel.first_token_at is None:
-                channel.first_token_at = now
-                channel.first_chunk_tokens = len(chunk.token_ids)
-                self.speed.first_token(now - channel.sent_at)
-            channel.last_token_at = now
-            channel.put(chunk)
+            if stream.first_token_at is None:
+                stream.first_token_at = now
+                stream.first_chunk_tokens = len(chunk.token_ids)
+                self.speed.first_token(now - stream.sent_at)
+            stream.last_token_at = now
+            stream.put(wire.token_chunk(chunk))
         return violation
 
-    def _measure_decode(self, channel: JobChannel) -> None:
-        if channel.first_token_at is not None and channel.last_token_at is not None:
+    def _measure_decode(self, stream: JobStream) -> None:
+        if stream.first_token_at is not None and stream.last_token_at is not None:
             self.speed.decoded(
-                channel.tokens_received - channel.first_chunk_tokens,
-                channel.last_token_at - channel.first_token_at,
+                stream.tokens_received - stream.first_chunk_tokens,
+                stream.last_token_at - stream.first_token_at,
             )
 
     def _slot_freed(self) -> None:
@@ -293,7 +252,7 @@ class MinerSession:
         if future is None:
             return f"score result for unknown score job {result.score_id!r}"
         if not future.done():
-            future.set_result(result)
+            future.set_result(wire.score_result(result))
         return None
 
     def close(self, reason: str) -> None:
@@ -301,8 +260,8 @@ class MinerSession:
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
-        for channel in self._jobs.values():
-            channel.put(MinerLost(reason))
+        for stream in self._jobs.values():
+            stream.put(MinerLost(reason))
         self._jobs.clear()
         for future in self._scores.values():
             if not future.done():

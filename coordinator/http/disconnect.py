@@ -17,6 +17,8 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from coordinator.errors import CoordinatorError
+
 _T = TypeVar("_T")
 
 POLL_S = 0.25
@@ -24,7 +26,7 @@ POLL_S = 0.25
 timer; bench/load.py measured 0.1 s polls at 12% of the CPU of a queued request)."""
 
 
-class ClientGone(Exception):
+class ClientGone(CoordinatorError):
     """The client disconnected before its answer started."""
 
 

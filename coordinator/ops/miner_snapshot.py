@@ -1,6 +1,6 @@
 """The connected miners, written to PostgreSQL every few seconds for the `miners` command.
 
-Miner sessions live in the coordinator's memory; the operator's commands talk to the database
+Miner workers live in the coordinator's memory; the operator's commands talk to the database
 (like ``keys`` and ``checks``), so the coordinator publishes a snapshot of its registry into
 ``coordinator_miners``: one row per connected miner with its models, hardware, load and measured
 speed. Rows older than a few intervals belong to a coordinator that stopped.
@@ -19,7 +19,7 @@ from datetime import datetime
 import asyncpg
 
 from coordinator.dispatch.registry import MinerRegistry
-from coordinator.gateway.session import MinerSession
+from coordinator.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ class MinerRow:
     draining: bool  # shutting down: takes no new jobs
     ttft_ms: float | None  # moving average time to first token; None before any job
     tokens_per_s: float | None  # moving average decode speed; None before any job
-    connected_at: datetime  # when its session began
+    connected_at: datetime  # when its worker began
     updated_at: datetime  # when this row was written
 
 
-def _speed(session: MinerSession) -> tuple[float | None, float | None]:
-    ttft = session.speed.ttft_s
-    return (ttft * 1000 if ttft is not None else None), session.speed.tokens_per_s
+def _speed(worker: Worker) -> tuple[float | None, float | None]:
+    ttft = worker.speed.ttft_s
+    return (ttft * 1000 if ttft is not None else None), worker.speed.tokens_per_s
 
 
 class MinerSnapshots:
@@ -87,19 +87,19 @@ class MinerSnapshots:
     async def publish(self) -> None:
         now_monotonic = time.monotonic()
         rows = []
-        for session in self._registry.sessions():
-            if session.closed_reason is not None:
+        for worker in self._registry.workers():
+            if worker.closed_reason is not None:
                 continue
-            ttft_ms, tokens_per_s = _speed(session)
-            age_s = max(0.0, now_monotonic - session.connected_at)
+            ttft_ms, tokens_per_s = _speed(worker)
+            age_s = max(0.0, now_monotonic - worker.connected_at)
             rows.append(
                 (
-                    session.miner_id,
-                    sorted(session.models),
-                    session.hello.hardware.device_name or session.hello.hardware.accelerator,
-                    session.active_jobs,
-                    session.max_concurrency,
-                    session.draining,
+                    worker.miner_id,
+                    sorted(worker.models),
+                    worker.device_name or worker.accelerator,
+                    worker.active_jobs,
+                    worker.max_concurrency,
+                    worker.draining,
                     ttft_ms,
                     tokens_per_s,
                     age_s,

@@ -26,6 +26,7 @@ import jinja2
 from tokenizers import AddedToken, Tokenizer, decoders, processors
 
 from coordinator.api import ChatMessage
+from coordinator.errors import CoordinatorError
 from coordinator.text.chat_template import TEMPLATE_FAILURES, compile_chat_template
 from proto.gguf import is_gguf_path
 
@@ -44,7 +45,7 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length"
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(CoordinatorError, ValueError):
     """Root of the tokenizer's errors."""
 
 

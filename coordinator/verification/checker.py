@@ -131,9 +131,9 @@ class SpotChecker:
             )
             if opinion is not None:
                 opinions.append(opinion)
-                session = self._scoring.session_of(opinion.scorer_id)
-                if session is not None:
-                    devices.add(session.hello.hardware.device_name)
+                worker = self._scoring.session_of(opinion.scorer_id)
+                if worker is not None:
+                    devices.add(worker.device_name)
             return opinion
 
         first = await ask()

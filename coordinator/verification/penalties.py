@@ -7,7 +7,7 @@ job, or against a scorer that two others outvoted. The offender then
   has credits, the rest minted back from issuance (where earlier slashes of it went);
 - loses its unmatured credits (credited within the verification window) to a slash entry;
 - restarts with no trust: every one of its next jobs is checked;
-- is banned for good (its key refused, its session closed) at its ``bans_after``-th
+- is banned for good (its key refused, its worker closed) at its ``bans_after``-th
   confirmed failure;
 - hears why, in a ``SlashNotice`` on its stream (and in the ledger memo of the entries).
 
@@ -26,9 +26,9 @@ from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.verification.policy import VerificationConfig, scoring_pay
 from coordinator.verification.scoring import FinishedJob
 from coordinator.verification.trust import CheckRecord, TrustStore
+from coordinator.worker import SlashNotice
 from ledger.entry import MAX_MEMO_BYTES
 from ledger.interface import AccountKind, AccountRef, Ledger
-from proto import miner_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _memo(text: str) -> str:
 
 
 class Penalties:
-    """Applies the consequences of checks to the ledger, the trust records and the sessions."""
+    """Applies the consequences of checks to the ledger, the trust records and the workers."""
 
     def __init__(
         self,
@@ -134,20 +134,19 @@ class Penalties:
             "; key banned" if banned else "",
             reasons,
         )
-        session = self._registry.get(offender)
-        if session is not None:
-            notice = miner_pb2.SlashNotice(
-                job_id=job_id, amount=slashed + taken_from_offender, reason=memo, banned=banned
-            )
-            session.notify(miner_pb2.CoordinatorMessage(slash_notice=notice))
-            if banned:
-                refusal = miner_pb2.Refusal(
-                    reason=miner_pb2.REFUSAL_REASON_BANNED_KEY,
-                    message=f"this key is banned after {self._config.bans_after} confirmed "
-                    "failed spot checks",
+        worker = self._registry.get(offender)
+        if worker is not None:
+            worker.send_slash_notice(
+                SlashNotice(
+                    job_id=job_id, amount=slashed + taken_from_offender, reason=memo, banned=banned
                 )
-                session.notify(miner_pb2.CoordinatorMessage(refusal=refusal))
-                session.close(f"banned: {reasons}")
+            )
+            if banned:
+                worker.ban(
+                    f"this key is banned after {self._config.bans_after} confirmed "
+                    "failed spot checks",
+                    reason=f"banned: {reasons}",
+                )
 
     async def pay_scorers(self, finished: FinishedJob, scorers: tuple[str, ...]) -> None:
         """Pays each scorer whose opinion stood for one prefill over the job's tokens."""

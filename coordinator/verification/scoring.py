@@ -18,18 +18,13 @@ from dataclasses import dataclass, field
 
 from coordinator.dispatch.privacy import Eligible, PrivacyPolicy, anyone, eligibility, nobody_vetted
 from coordinator.dispatch.registry import MinerRegistry
-from coordinator.gateway.session import MinerSession, ScorerLost
+from coordinator.jobs import Job, MinerFinish, ScoreRequest, TopAlternatives
 from coordinator.verification.judge import Claim, Scores, Thresholds, Verdict, judge_job
+from coordinator.worker import ScorerLost, Worker
 from ledger.interface import AccountRef
-from proto import miner_pb2
 
 logger = logging.getLogger(__name__)
 
-_FINISH_NAMES = {
-    miner_pb2.FINISH_REASON_STOP: "stop",
-    miner_pb2.FINISH_REASON_LENGTH: "length",
-    miner_pb2.FINISH_REASON_CANCELLED: "cancelled",
-}
 _ATTEMPTS = 3  # scorers tried for one opinion before giving up on it
 
 
@@ -37,19 +32,19 @@ _ATTEMPTS = 3  # scorers tried for one opinion before giving up on it
 class FinishedJob:
     """A settled job with a verified receipt, as the service hands it to the spot checker."""
 
-    job: miner_pb2.Job  # exactly what the miner was sent (prompt ids, sampling, job id)
+    job: Job  # exactly what the miner was sent (prompt ids, sampling, job id)
     miner_id: str  # who ran it
     device_name: str  # the miner's announced hardware, to pick a scorer on other hardware
     buyer: AccountRef  # who paid, refunded if the check fails
     token_ids: tuple[int, ...]  # every token the miner streamed
     logprobs: tuple[float, ...]  # the logprob the miner claimed for each
-    finish_reason: miner_pb2.FinishReason.ValueType  # what the miner reported
+    finish_reason: MinerFinish  # what the miner reported
     output_sha256: bytes  # from the receipt: keys the selection
     miner_credit: int  # what the settlement paid the miner
     fee: int  # what it paid the operator
     # The alternatives the miner claimed per token, (id, logprob) most likely first, when the
     # buyer asked for top_logprobs; empty otherwise.
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+    top_logprobs: tuple[TopAlternatives, ...] = ()
     # The buyer's privacy tier: its scorers must meet it as its miner did.
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
 
@@ -60,7 +55,7 @@ def claim_of(finished: FinishedJob, *, vocab_size: int, context_length: int) -> 
         prompt_token_ids=tuple(job.prompt_token_ids),
         token_ids=finished.token_ids,
         logprobs=finished.logprobs,
-        finish_reason=_FINISH_NAMES.get(finished.finish_reason, "unspecified"),
+        finish_reason=finished.finish_reason.value,
         max_tokens=job.sampling.max_tokens,
         stop_token_ids=frozenset(job.sampling.stop_token_ids),
         vocab_size=vocab_size,
@@ -95,7 +90,7 @@ class Scoring:
         self._timeout_s = timeout_s
         self._rng = rng or random.Random()
 
-    def session_of(self, miner_id: str) -> MinerSession | None:
+    def session_of(self, miner_id: str) -> Worker | None:
         return self._registry.get(miner_id)
 
     def pick(
@@ -105,24 +100,24 @@ class Scoring:
         exclude: Collection[str],
         avoid_devices: Collection[str],
         eligible: Eligible = anyone,
-    ) -> MinerSession | None:
+    ) -> Worker | None:
         """A scorer for ``model``: not excluded or banned, admitted by ``eligible`` (the job's
         privacy tier); other hardware and idle preferred."""
         candidates = [
-            session
-            for session in self._registry.serving(model)
-            if session.miner_id not in exclude
-            and not self._is_banned(session.miner_id)
-            and eligible(session)
+            worker
+            for worker in self._registry.serving(model)
+            if worker.miner_id not in exclude
+            and not self._is_banned(worker.miner_id)
+            and eligible(worker)
         ]
         if not candidates:
             return None
 
-        def rank(session: MinerSession) -> tuple[bool, float]:
-            same_device = session.hello.hardware.device_name in avoid_devices
-            return same_device, session.active_jobs / session.max_concurrency
+        def rank(worker: Worker) -> tuple[bool, float]:
+            same_device = worker.device_name in avoid_devices
+            return same_device, worker.active_jobs / worker.max_concurrency
 
-        best = min(rank(session) for session in candidates)
+        best = min(rank(worker) for worker in candidates)
         return self._rng.choice([s for s in candidates if rank(s) == best])
 
     async def opinion(
@@ -138,40 +133,36 @@ class Scoring:
         tried = set(exclude)
         eligible = eligibility(finished.privacy, is_vetted=self._is_vetted)
         for _ in range(_ATTEMPTS):
-            session = self.pick(
+            worker = self.pick(
                 finished.job.model, exclude=tried, avoid_devices=avoid_devices, eligible=eligible
             )
-            if session is None:
+            if worker is None:
                 return None
-            tried.add(session.miner_id)
-            scores = await self._ask(session, finished)
+            tried.add(worker.miner_id)
+            scores = await self._ask(worker, finished)
             if scores is not None:
-                return Opinion(session.miner_id, judge_job(claim, scores, thresholds))
+                return Opinion(worker.miner_id, judge_job(claim, scores, thresholds))
         return None
 
-    async def _ask(self, session: MinerSession, finished: FinishedJob) -> Scores | None:
+    async def _ask(self, worker: Worker, finished: FinishedJob) -> Scores | None:
         job = finished.job
-        score = miner_pb2.ScoreJob(
+        score = ScoreRequest(
             score_id=f"score-{uuid.uuid4().hex}",
-            model=job.model,
-            prompt_token_ids=job.prompt_token_ids,
+            job=job,
             completion_token_ids=finished.token_ids,
-            sampling=job.sampling,
-            noise_job_id=job.job_id,
-            claimed_top_logprobs=[
-                miner_pb2.TopLogprobs(token_ids=[token for token, _ in top])
-                for top in finished.top_logprobs
-            ],
+            claimed_top_ids=tuple(
+                tuple(token for token, _ in top) for top in finished.top_logprobs
+            ),
         )
-        future = session.start_score(score)
+        future = worker.start_score(score)
         try:
             result = await asyncio.wait_for(future, self._timeout_s)
         except TimeoutError:
-            session.expire_score(score.score_id)
-            logger.info("scorer %s did not answer in %g s", session.miner_id[:12], self._timeout_s)
+            worker.expire_score(score.score_id)
+            logger.info("scorer %s did not answer in %g s", worker.miner_id[:12], self._timeout_s)
             return None
         except ScorerLost as lost:
-            logger.info("scorer %s went away: %s", session.miner_id[:12], lost)
+            logger.info("scorer %s went away: %s", worker.miner_id[:12], lost)
             return None
         expected = len(finished.token_ids)
         counts = (len(result.logprobs), len(result.margins))
@@ -180,7 +171,7 @@ class Scoring:
         if result.error or counts != (expected, expected) or not stops_fit:
             logger.warning(
                 "scorer %s could not score job %s: %s",
-                session.miner_id[:12],
+                worker.miner_id[:12],
                 job.job_id,
                 result.error
                 or f"{counts[0]} log-probabilities, {counts[1]} margins and"
@@ -189,21 +180,21 @@ class Scoring:
             return None
         # Alternatives come back one entry per claimed one, or not at all (a long job's do not
         # fit in one message; they are then left unchecked).
-        tops = [tuple(top.logprobs) for top in result.scored_top_logprobs]
+        tops = list(result.scored_top_logprobs)
         claimed = [len(top) for top in finished.top_logprobs]
         if tops and (
             [len(top) for top in tops] != claimed or len(result.top_thresholds) != len(claimed)
         ):
             logger.warning(
                 "scorer %s sent alternatives that do not fit job %s's claim; ignoring them",
-                session.miner_id[:12],
+                worker.miner_id[:12],
                 job.job_id,
             )
             tops = []
         return Scores(
-            logprobs=tuple(result.logprobs),
-            margins=tuple(result.margins),
-            stop_margins=tuple(result.stop_margins),
+            logprobs=result.logprobs,
+            margins=result.margins,
+            stop_margins=result.stop_margins,
             top_logprobs=tuple(tops),
-            top_thresholds=tuple(result.top_thresholds) if tops else (),
+            top_thresholds=result.top_thresholds if tops else (),
         )

@@ -18,10 +18,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from coordinator.catalog import Catalog, CatalogEntry, catalog_from_specs
 from coordinator.gateway.session import MinerSession
+from coordinator.jobs import Job, Sampling
 from miner.test_model import create_test_model
 from proto import miner_pb2
 from proto.limits import PROTOCOL_VERSION
-from proto.signing import output_digest, receipt_message, request_digest
+from proto.signing import SignedJob, output_digest, receipt_message, request_digest
 
 MODEL = "tiny"
 # 1.5 and 2.5 micro-units per token: costs are fractional before rounding, so rounding is tested.
@@ -115,13 +116,13 @@ def make_job(
     max_tokens: int = 16,
     prompt_ids: Sequence[int] | None = None,
     job_id: str | None = None,
-) -> miner_pb2.Job:
+) -> Job:
     """A job for ``entry`` with its real stop tokens."""
-    return miner_pb2.Job(
+    return Job(
         job_id=job_id or new_job_id(),
         model=entry.name,
-        prompt_token_ids=list(prompt_ids) if prompt_ids is not None else text_ids(entry, "Hi"),
-        sampling=miner_pb2.SamplingParams(
+        prompt_token_ids=tuple(prompt_ids if prompt_ids is not None else text_ids(entry, "Hi")),
+        sampling=Sampling(
             temperature=0.0,
             top_p=1.0,
             max_tokens=max_tokens,
@@ -134,7 +135,8 @@ def make_job(
 def busy(session: MinerSession, jobs: int = 1) -> None:
     """Occupies ``jobs`` slots of ``session`` with placeholder jobs."""
     for _ in range(jobs):
-        session.start_job(miner_pb2.Job(job_id=new_job_id(), model=next(iter(session.models))))
+        model = next(iter(session.models))
+        session.start_job(Job(new_job_id(), model, (), Sampling(0.0, 1.0, 16, 0, ())))
 
 
 def text_ids(entry: CatalogEntry, text: str) -> list[int]:
@@ -156,7 +158,7 @@ def chunk(job_id: str, token_ids: Sequence[int]) -> miner_pb2.MinerMessage:
 
 
 def receipt_for(
-    job: miner_pb2.Job, token_ids: Sequence[int], *, weights_sha256: bytes
+    job: SignedJob, token_ids: Sequence[int], *, weights_sha256: bytes
 ) -> miner_pb2.Receipt:
     """The receipt an honest miner writes for ``job`` having produced ``token_ids``."""
     return miner_pb2.Receipt(
@@ -172,7 +174,7 @@ def receipt_for(
 
 
 def signed_result(
-    job: miner_pb2.Job,
+    job: SignedJob,
     receipt: miner_pb2.Receipt,
     finish_reason: miner_pb2.FinishReason.ValueType,
     *,
@@ -221,11 +223,30 @@ async def next_outbound(session: MinerSession) -> miner_pb2.CoordinatorMessage:
     return message
 
 
-async def next_job(session: MinerSession) -> miner_pb2.Job:
-    """The next job sent to the miner (it must be the next message)."""
+def as_job(job: miner_pb2.Job) -> Job:
+    """The coordinator's value of a job message, to compare with what the test started."""
+    sampling = job.sampling
+    return Job(
+        job_id=job.job_id,
+        model=job.model,
+        prompt_token_ids=tuple(job.prompt_token_ids),
+        sampling=Sampling(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+            stop_token_ids=tuple(sampling.stop_token_ids),
+            top_logprobs=sampling.top_logprobs,
+        ),
+    )
+
+
+async def next_job(session: MinerSession) -> Job:
+    """The next job sent to the miner (it must be the next message), as a :class:`Job`."""
     message = await next_outbound(session)
     assert message.WhichOneof("body") == "job", message
-    return message.job
+    return as_job(message.job)
 
 
 async def play_job(
@@ -236,7 +257,7 @@ async def play_job(
     *,
     finish: miner_pb2.FinishReason.ValueType = FINISH.FINISH_REASON_STOP,
     until_cancelled: bool = False,
-) -> tuple[miner_pb2.Job, bool]:
+) -> tuple[Job, bool]:
     """Plays an honest miner for one job: one chunk per token, then a signed result.
 
     With ``until_cancelled`` the result waits for the coordinator's CancelJob and says

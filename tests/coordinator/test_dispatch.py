@@ -14,6 +14,8 @@ from coordinator.dispatch.registry import MinerRegistry
 from coordinator.dispatch.router import Router
 from coordinator.errors import NoMinerAvailableError, UpstreamError
 from coordinator.gateway.session import MinerSession
+from coordinator.gateway.wire import job_result
+from coordinator.jobs import Job
 from proto import miner_pb2
 from tests.coordinator.core_fakes import (
     FINISH,
@@ -74,13 +76,13 @@ def ranked(catalog: Catalog, registry: MinerRegistry, count: int) -> list[MinerS
     return sessions
 
 
-async def answer_first_token(session: MinerSession, token: int = 65) -> miner_pb2.Job:
+async def answer_first_token(session: MinerSession, token: int = 65) -> Job:
     job = await next_job(session)
     assert session.deliver(chunk(job.job_id, [token])) is None
     return job
 
 
-async def started(dispatch: Dispatcher, job: miner_pb2.Job) -> asyncio.Task[MinerRun]:
+async def started(dispatch: Dispatcher, job: Job) -> asyncio.Task[MinerRun]:
     task = asyncio.create_task(dispatch.start(job))
     await asyncio.sleep(0)
     return task
@@ -98,7 +100,7 @@ async def test_first_token_hands_back_the_run(
     sent = await answer_first_token(session, token=72)
     run = await asyncio.wait_for(task, WAIT_S)
     assert sent == job
-    assert run.session is session and run.job == job and run.channel.job == job
+    assert run.worker is session and run.job == job and run.stream.job == job
     assert not run.done
     first = await anext(aiter(run.chunks()))
     assert list(first.token_ids) == [72]
@@ -115,7 +117,7 @@ async def test_a_failing_miner_is_replaced_by_the_next(
     retried = await answer_first_token(second)
     run = await asyncio.wait_for(task, WAIT_S)
     assert failed == retried == job  # the same job, id included
-    assert run.session is second
+    assert run.worker is second
     assert first.free_slots == 1 and outbox_messages(first) == []  # nothing left to cancel
 
 
@@ -128,7 +130,7 @@ async def test_a_silent_miner_is_abandoned_and_replaced(
     assert await next_job(silent) == job
     await answer_first_token(second)  # arrives only after first_token_timeout_s
     run = await asyncio.wait_for(task, WAIT_S)
-    assert run.session is second
+    assert run.worker is second
     assert cancelled_ids(outbox_messages(silent)) == [job.job_id]
     assert silent.free_slots == 1
     # The slow miner's tokens turn up late: dropped, not a protocol violation.
@@ -149,7 +151,7 @@ async def test_lost_miner_and_tokenless_result_are_failed_over(
     assert empty.deliver(result_message(result)) is None
     await answer_first_token(good)
     run = await asyncio.wait_for(task, WAIT_S)
-    assert run.session is good
+    assert run.worker is good
 
 
 async def test_all_failing_is_no_miner_available_naming_each_failure(
@@ -267,7 +269,7 @@ async def test_sort_reaches_the_router(
         task = asyncio.create_task(dispatch.start(make_job(entry), sort="latency"))
         job = await answer_first_token(quick_start)
         run = await asyncio.wait_for(task, WAIT_S)
-        assert run.session is quick_start
+        assert run.worker is quick_start
         quick_start.abandon_job(job.job_id)
         outbox_messages(quick_start)
     assert outbox_messages(slow_start) == []
@@ -311,7 +313,7 @@ async def test_chunks_then_the_result(
     assert session.deliver(result_message(result)) is None
     seen = [list(piece.token_ids) async for piece in run.chunks()]
     assert seen == [[1, 2, 3, 4]]  # queued while nobody read: one chunk
-    assert run.result == result and run.done
+    assert run.result == job_result(result) and run.done
     run.cancel()  # done: nothing to cancel
     assert outbox_messages(session) == []
 
@@ -334,7 +336,7 @@ async def test_chunks_come_one_by_one_to_a_reader_that_keeps_up(
     assert list(merged.token_ids) == [4, 5] and list(merged.logprobs) == [-0.5, -0.5]
     with pytest.raises(StopAsyncIteration):
         await anext(chunks)
-    assert run.result == result
+    assert run.result == job_result(result)
 
 
 def _fail(session: MinerSession, job_id: str) -> None:
@@ -394,7 +396,7 @@ async def test_only_eligible_miners_are_tried(
     task = asyncio.create_task(dispatch.start(job, eligible=lambda session: session is admitted))
     await answer_first_token(admitted)
     run = await asyncio.wait_for(task, WAIT_S)
-    assert run.session is admitted
+    assert run.worker is admitted
     assert outbox_messages(preferred) == []  # the router's favourite never saw the prompt
     with pytest.raises(NoMinerAvailableError):
         await dispatch.start(make_job(entry), eligible=lambda session: False)
@@ -418,4 +420,4 @@ async def test_a_request_waits_for_its_eligible_miner_rather_than_take_a_free_on
     _fail(admitted, "job-holding-the-slot")  # its slot frees: the waiting request takes it
     await answer_first_token(admitted)
     run = await asyncio.wait_for(task, WAIT_S)
-    assert run.session is admitted and free.active_jobs == 0
+    assert run.worker is admitted and free.active_jobs == 0

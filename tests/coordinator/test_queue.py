@@ -15,6 +15,7 @@ from coordinator.dispatch.registry import MinerRegistry
 from coordinator.dispatch.router import Router
 from coordinator.errors import NoMinerAvailableError
 from coordinator.gateway.session import MinerSession
+from coordinator.jobs import Job
 from coordinator.ops.metrics import CoordinatorMetrics
 from proto import miner_pb2
 from tests.coordinator.core_fakes import (
@@ -96,7 +97,7 @@ async def until(condition: Callable[[], bool]) -> None:
     raise AssertionError("the condition never held")
 
 
-async def queued(dispatch: Dispatcher, job: miner_pb2.Job) -> asyncio.Task[MinerRun]:
+async def queued(dispatch: Dispatcher, job: Job) -> asyncio.Task[MinerRun]:
     """Starts ``job`` and returns once it waits in the queue."""
     before = dispatch.queue_depth(MODEL)
     task = asyncio.create_task(dispatch.start(job))
@@ -104,12 +105,12 @@ async def queued(dispatch: Dispatcher, job: miner_pb2.Job) -> asyncio.Task[Miner
     return task
 
 
-async def served(session: MinerSession, task: asyncio.Task[MinerRun]) -> miner_pb2.Job:
+async def served(session: MinerSession, task: asyncio.Task[MinerRun]) -> Job:
     """Plays the miner up to the first token of the job it is sent; returns that job."""
     job = await next_job(session)
     assert session.deliver(chunk(job.job_id, [65])) is None
     run = await asyncio.wait_for(task, WAIT_S)
-    assert run.session is session and run.job == job
+    assert run.worker is session and run.job == job
     return job
 
 

@@ -18,7 +18,8 @@ from coordinator.dispatch.router import (
     trust_from_record,
 )
 from coordinator.dispatch.speed import MinerSpeed, MovingAverage
-from coordinator.gateway.session import MinerLost, MinerSession
+from coordinator.gateway.session import MinerSession
+from coordinator.jobs import Job, MinerLost, Sampling
 from coordinator.verification.trust import TrustRecord
 from proto import miner_pb2
 from tests.coordinator.core_fakes import (
@@ -231,7 +232,8 @@ def test_unmeasurable_decode_samples_are_ignored() -> None:
 
 
 class FakeClock:
-    """Stands in for the ``time`` module inside the session: a clock the test moves."""
+    """Stands in for the ``time`` module inside the session and its job streams: a clock the
+    test moves."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -243,10 +245,9 @@ class FakeClock:
 def test_a_session_measures_its_miner_as_messages_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock()
     monkeypatch.setattr("coordinator.gateway.session.time", clock)
+    monkeypatch.setattr("coordinator.worker.time", clock)
     session = bare_session(max_concurrency=2)
-    job = miner_pb2.Job(
-        job_id=new_job_id(), model=MODEL, sampling=miner_pb2.SamplingParams(max_tokens=16)
-    )
+    job = Job(new_job_id(), MODEL, (), Sampling(0.0, 1.0, 16, 0, ()))
     session.start_job(job)
     clock.now += 0.25
     assert session.deliver(chunk(job.job_id, [1, 2])) is None  # first chunk: two tokens
@@ -266,10 +267,9 @@ def test_a_session_measures_its_miner_as_messages_arrive(monkeypatch: pytest.Mon
 def test_a_failed_job_measures_no_decode_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock()
     monkeypatch.setattr("coordinator.gateway.session.time", clock)
+    monkeypatch.setattr("coordinator.worker.time", clock)
     session = bare_session()
-    job = miner_pb2.Job(
-        job_id=new_job_id(), model=MODEL, sampling=miner_pb2.SamplingParams(max_tokens=16)
-    )
+    job = Job(new_job_id(), MODEL, (), Sampling(0.0, 1.0, 16, 0, ()))
     session.start_job(job)
     clock.now += 0.5
     assert session.deliver(chunk(job.job_id, [1])) is None
@@ -294,7 +294,7 @@ async def test_newer_session_of_the_same_miner_replaces_the_old() -> None:
     new = bare_session(miner_id="m" * 64)
     registry.add(new)
 
-    assert set(registry.sessions()) == {new, other}
+    assert set(registry.workers()) == {new, other}
     assert old.closed_reason is not None and "replaced" in old.closed_reason
     assert outbox_messages(old)[-1] is None  # its stream ends
     lost = await channel.next_event(wait_s=0.05)
@@ -302,9 +302,9 @@ async def test_newer_session_of_the_same_miner_replaces_the_old() -> None:
     assert new.closed_reason is None and other.closed_reason is None
 
     registry.remove(old)  # the old stream's teardown must not evict the new session
-    assert set(registry.sessions()) == {new, other}
+    assert set(registry.workers()) == {new, other}
     registry.remove(new)
-    assert registry.sessions() == [other]
+    assert registry.workers() == [other]
 
 
 def test_adding_the_same_session_twice_keeps_it_open() -> None:
@@ -312,7 +312,7 @@ def test_adding_the_same_session_twice_keeps_it_open() -> None:
     session = bare_session()
     registry.add(session)
     registry.add(session)
-    assert registry.sessions() == [session]
+    assert registry.workers() == [session]
     assert session.closed_reason is None
 
 

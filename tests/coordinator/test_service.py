@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from coordinator.api import Buyer, ChatMessage, CompletionRequest, ProviderPreferences, Usage
 from coordinator.billing.job_log import JobLog
@@ -36,6 +37,7 @@ from ledger.entry import EntryKind
 from ledger.interface import ESCROW, FEE, AccountRef
 from ledger.postgres import PostgresLedger
 from proto import miner_pb2
+from proto.signing import receipt_message
 from tests.coordinator.core_fakes import (
     FINISH,
     INPUT_PRICE_PER_MTOK,
@@ -209,8 +211,12 @@ async def test_a_finished_job_is_settled_exactly_and_recorded(market: Market) ->
         charged,
     )
     assert row["finish_reason"] == "stop"
-    assert miner_pb2.Receipt.FromString(row["receipt"]) == verified.receipt
+    # The row alone proves the job: the signed bytes and the signature, checked with the key.
+    assert row["receipt"] == receipt_message(verified.receipt)
     assert row["receipt_signature"] == verified.signature
+    Ed25519PublicKey.from_public_bytes(market.key.public).verify(
+        row["receipt_signature"], row["receipt"]
+    )
     assert market.session.free_slots == 1
 
 

@@ -7,7 +7,9 @@ import time
 import pytest
 
 from coordinator.catalog import Catalog, CatalogEntry
-from coordinator.gateway.session import JobChannel, MinerLost, MinerSession
+from coordinator.gateway.session import MinerSession
+from coordinator.jobs import Job, JobFailure, JobResult, MinerLost, TokenChunk
+from coordinator.worker import JobStream
 from proto import miner_pb2
 from proto.limits import MAX_TOKENS_PER_CHUNK
 from tests.coordinator.core_fakes import (
@@ -33,12 +35,12 @@ def session(catalog: Catalog, key: MinerKey) -> MinerSession:
     return make_session(catalog, key=key, max_concurrency=2)
 
 
-def result_for(entry: CatalogEntry, job: miner_pb2.Job, key: MinerKey) -> miner_pb2.MinerMessage:
+def result_for(entry: CatalogEntry, job: Job, key: MinerKey) -> miner_pb2.MinerMessage:
     receipt = receipt_for(job, [], weights_sha256=entry.weights_sha256)
     return result_message(signed_result(job, receipt, FINISH.FINISH_REASON_STOP, key=key))
 
 
-async def assert_no_event(channel: JobChannel) -> None:
+async def assert_no_event(channel: JobStream) -> None:
     event = await channel.next_event(wait_s=QUIET_S)
     assert isinstance(event, MinerLost) and "no answer" in event.reason
 
@@ -62,7 +64,7 @@ async def test_token_ids_must_be_inside_the_vocabulary(
     violation = session.deliver(chunk(channel.job.job_id, [5, vocab_size]))
     assert violation is not None and "vocabulary" in violation and str(vocab_size) in violation
     event = await last.next_event(wait_s=QUIET_S)
-    assert isinstance(event, miner_pb2.TokenChunk) and list(event.token_ids) == [vocab_size - 1]
+    assert isinstance(event, TokenChunk) and list(event.token_ids) == [vocab_size - 1]
     await assert_no_event(channel)  # the offending chunk never reaches the job
 
 
@@ -177,13 +179,13 @@ async def test_slots_are_taken_by_jobs_and_freed_by_results(
     assert session.accepts(MODEL)
     assert first.finished
     tokens = await first.next_event(wait_s=QUIET_S)
-    assert isinstance(tokens, miner_pb2.TokenChunk) and list(tokens.token_ids) == [10, 11]
-    assert isinstance(await first.next_event(wait_s=QUIET_S), miner_pb2.JobResult)
+    assert isinstance(tokens, TokenChunk) and list(tokens.token_ids) == [10, 11]
+    assert isinstance(await first.next_event(wait_s=QUIET_S), JobResult)
 
     assert session.deliver(failure(second.job.job_id, "out of memory")) is None
     assert session.free_slots == 2
     failed = await second.next_event(wait_s=QUIET_S)
-    assert isinstance(failed, miner_pb2.JobFailure) and failed.message == "out of memory"
+    assert isinstance(failed, JobFailure) and failed.message == "out of memory"
     # The job is over: anything more for it is a violation.
     assert session.deliver(chunk(first.job.job_id, [1])) is not None
 
@@ -249,7 +251,7 @@ async def test_close_tells_every_job_and_ends_the_outbox(
 
 
 async def test_next_event_times_out_as_miner_lost(entry: CatalogEntry) -> None:
-    channel = JobChannel(make_job(entry))
+    channel = JobStream(make_job(entry))
     started = time.monotonic()
     event = await channel.next_event(wait_s=0.05)
     assert isinstance(event, MinerLost) and "0.05 s" in event.reason

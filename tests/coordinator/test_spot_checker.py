@@ -19,6 +19,7 @@ from coordinator.catalog import Catalog, CatalogEntry
 from coordinator.dispatch.privacy import PrivacyPolicy, eligibility
 from coordinator.dispatch.registry import MinerRegistry
 from coordinator.gateway.session import MinerSession
+from coordinator.jobs import MinerFinish
 from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.verification.checker import SpotChecker
 from coordinator.verification.penalties import Penalties
@@ -122,7 +123,7 @@ class Market:
             buyer=BUYER,
             token_ids=TOKENS,
             logprobs=(CLAIMED_LOGPROB,) * len(TOKENS),
-            finish_reason=miner_pb2.FINISH_REASON_LENGTH,
+            finish_reason=MinerFinish.LENGTH,
             output_sha256=output_digest(TOKENS),
             miner_credit=100,
             fee=50,
@@ -171,7 +172,7 @@ async def market(
     try:
         yield Market(ledger, trust, registry, checker, metrics, catalog, db_pool)
     finally:
-        for session in registry.sessions():
+        for session in registry.workers():
             session.close("test over")
         await ledger.aclose()
 
@@ -369,7 +370,7 @@ async def test_scorers_of_a_private_job_come_from_its_tier_or_there_is_no_check(
     market: Market, entry: CatalogEntry
 ) -> None:
     miner, retaining, vetted_retaining, vetted_silent = [await market.miner() for _ in range(4)]
-    vetted_silent.hello.data_retention = miner_pb2.DATA_RETENTION_NONE
+    vetted_silent.retains_data = False  # as if its hello declared DATA_RETENTION_NONE
     vetted = {vetted_retaining.miner_id, vetted_silent.miner_id}
     scoring = Scoring(
         registry=market.registry,

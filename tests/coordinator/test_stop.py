@@ -14,8 +14,8 @@ from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import MinerMisbehaved, RunningCompletion
 from coordinator.dispatch.dispatcher import MinerRun
 from coordinator.gateway.session import MinerSession
+from coordinator.jobs import Job, TokenChunk
 from coordinator.text.stop import StopMatcher
-from proto import miner_pb2
 from tests.coordinator.core_fakes import (
     FINISH,
     MODEL,
@@ -115,14 +115,14 @@ def session(catalog: Catalog, key: MinerKey) -> MinerSession:
 
 
 async def start(
-    session: MinerSession, entry: CatalogEntry, job: miner_pb2.Job, ids: list[int], stop: str
+    session: MinerSession, entry: CatalogEntry, job: Job, ids: list[int], stop: str
 ) -> RunningCompletion:
     """A completion with stop string ``stop`` whose miner has streamed ``ids``, one per chunk."""
     channel = session.start_job(job)
     for token in ids:
         assert session.deliver(chunk(job.job_id, [token])) is None
     first = await channel.next_event(wait_s=WAIT_S)
-    assert isinstance(first, miner_pb2.TokenChunk)
+    assert isinstance(first, TokenChunk)
     return RunningCompletion(
         completion_id="cmpl-test",
         created=0,
@@ -135,14 +135,14 @@ async def start(
 
 
 def cancelled_result(
-    session: MinerSession, key: MinerKey, entry: CatalogEntry, job: miner_pb2.Job, ids: list[int]
+    session: MinerSession, key: MinerKey, entry: CatalogEntry, job: Job, ids: list[int]
 ) -> None:
     receipt = receipt_for(job, ids, weights_sha256=entry.weights_sha256)
     result = signed_result(job, receipt, FINISH.FINISH_REASON_CANCELLED, key=key)
     assert session.deliver(result_message(result)) is None
 
 
-def billed(entry: CatalogEntry, job: miner_pb2.Job, tokens: int) -> int:
+def billed(entry: CatalogEntry, job: Job, tokens: int) -> int:
     return request_cost(entry, prompt_tokens=len(job.prompt_token_ids), completion_tokens=tokens)
 
 

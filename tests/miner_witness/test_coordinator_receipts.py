@@ -50,7 +50,7 @@ class Market:
             hello,
             miner_id=identity.miner_id,
             vocab_sizes={},
-            on_witness_message=self.receipts.handle,
+            witness_desk=self.receipts,
         )
         self.registry.add(session)
         return session
