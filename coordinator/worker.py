@@ -90,6 +90,7 @@ class Worker(Protocol):
     draining: bool  # it is shutting down: no new jobs
     closed_reason: str | None  # why it is gone; None while it is connected
     speed: MinerSpeed  # measured on arrival of its tokens, never from its claims
+    is_local: bool  # connected to this process (False: reached through another replica)
     # Told whenever a job slot frees; the registry sets it to wake requests queued for a model.
     on_slot_freed: Callable[[Worker], None] | None
 

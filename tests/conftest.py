@@ -24,6 +24,7 @@ import asyncpg
 import pytest
 
 from ledger.embedded import EmbeddedPostgres
+from tests.nats_server import NatsServer
 
 T = TypeVar("T")
 
@@ -125,3 +126,14 @@ def smollm2_gguf() -> Path:
         return smollm2_gguf()
     except PackagedModelMissingError as error:
         pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real nats-server for this test, JetStream on, stopped afterwards."""
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

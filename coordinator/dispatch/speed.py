@@ -45,6 +45,14 @@ class MinerSpeed:
         self._ttft = MovingAverage(smoothing=smoothing)
         self._rate = MovingAverage(smoothing=smoothing)
 
+    @classmethod
+    def measured(cls, *, ttft_s: float | None, tokens_per_s: float | None, jobs: int) -> MinerSpeed:
+        """A speed measured elsewhere (by the replica the miner is connected to)."""
+        speed = cls()
+        speed._ttft.value, speed._ttft.samples = ttft_s, jobs
+        speed._rate.value = tokens_per_s
+        return speed
+
     @property
     def ttft_s(self) -> float | None:
         """Moving average of the time to first token, in seconds."""

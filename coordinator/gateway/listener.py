@@ -44,5 +44,6 @@ async def listening(
         yield port
     finally:
         for worker in registry.workers():
-            worker.close("coordinator shutting down")
+            if worker.is_local:  # other replicas' miners stay with them
+                worker.close("coordinator shutting down")
         await server.stop(grace=_STOP_GRACE_S)

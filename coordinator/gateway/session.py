@@ -66,6 +66,7 @@ class MinerSession:
         self.draining = False
         self.closed_reason: str | None = None
         self.speed = MinerSpeed()  # measured on arrival of its tokens, never from its claims
+        self.is_local = True  # its stream ends in this process
         # Told whenever a job slot frees (a result, a failure, an abandoned job); the registry
         # sets it so that requests queued for a busy model can be woken.
         self.on_slot_freed: Callable[[Worker], None] | None = None

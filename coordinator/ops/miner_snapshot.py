@@ -88,7 +88,7 @@ class MinerSnapshots:
         now_monotonic = time.monotonic()
         rows = []
         for worker in self._registry.workers():
-            if worker.closed_reason is not None:
+            if worker.closed_reason is not None or not worker.is_local:
                 continue
             ttft_ms, tokens_per_s = _speed(worker)
             age_s = max(0.0, now_monotonic - worker.connected_at)
