@@ -77,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING or ERROR"
     )
+    serve.add_argument(
+        "--nats",
+        metavar="URL",
+        help="run as one replica of several: link to the others through this NATS server "
+        "(nats://HOST:PORT; comma-separated for a cluster); replicas share --database-url and "
+        "the ledger key",
+    )
+    serve.add_argument(
+        "--replica-id",
+        metavar="NAME",
+        help="this replica's name among the others (default: random at each start)",
+    )
     serve.add_argument("--http", type=_address, default=("127.0.0.1", 8000), metavar="HOST:PORT")
     serve.add_argument("--grpc", type=_address, default=("127.0.0.1", 50051), metavar="HOST:PORT")
     tls = serve.add_argument_group(
@@ -433,6 +445,9 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         raise UsageError("--spot-check-floor must be in (0, 1]")
     if not args.verification_window > 0:
         raise UsageError("--verification-window must be positive")
+    if args.nats is not None and database_url is None:
+        raise UsageError("--nats needs --database-url: replicas share one PostgreSQL")
+    replica = {"replica_id": args.replica_id} if args.replica_id else {}
     return CoordinatorConfig(
         catalog=CatalogSource(
             model_specs=tuple(args.model or ()),
@@ -464,6 +479,8 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
             window_s=args.verification_window * 3600,
         ),
         tls=_tls_config(args),
+        nats_url=args.nats,
+        **replica,
     )
 
 
@@ -499,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (
-        UsageError,
+        CoordinatorError,
         ValueError,
         OSError,
         LedgerError,

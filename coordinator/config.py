@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,10 +47,23 @@ class CoordinatorConfig:
     checkpoint_interval_s: float = 0.5  # how often a new checkpoint is signed while entries arrive
     rotate_ledger_key: bool = False  # accept a signing key other than the last checkpoint's
     tls: TlsConfig = field(default_factory=TlsConfig)  # HTTPS, gRPC TLS, mTLS (coordinator/tls.py)
+    # NATS that links replicas (nats://HOST:PORT, comma-separated for a cluster); None: this
+    # process is the whole marketplace. Replicas share database_url and the ledger key.
+    nats_url: str | None = None
+    # This process's name among the replicas (a NATS subject token); fresh at every start, so a
+    # restarted replica never inherits a dead one's leases.
+    replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
         # Refused before anything starts: plaintext off loopback must be asked for.
         self.tls.check_listeners(http_host=self.http_host, grpc_host=self.grpc_host)
+        if not self.replica_id or not all(c.isalnum() or c in "-_" for c in self.replica_id):
+            raise ValueError(f"replica id {self.replica_id!r}: letters, digits, - and _ only")
+
+    @property
+    def replicated(self) -> bool:
+        """Whether other coordinator processes share this one's database and miners."""
+        return self.nats_url is not None
 
     @property
     def signing_key_path(self) -> Path:

@@ -4,7 +4,9 @@ Entering a :class:`RequestSaga` admits the request, each step undone if a later 
 
 1. the key's rate limits reserve its tokens (prompt plus ``max_tokens``);
 2. the key's spend limit admits its maximum cost;
-3. the in-memory credit estimate admits it (``coordinator.billing.admission``).
+3. the in-memory credit estimate admits it (``coordinator.billing.admission``); or, for
+   replicas (``SagaParts.hold_first``), the durable hold of the maximum cost is placed now, since
+   one process's estimate cannot see the holds of the others (about 5 ms more before dispatch).
 
 The service then dispatches the job and hands the running completion to
 :meth:`RequestSaga.attach`: once its first delta reached the buyer, the completion places the
@@ -77,6 +79,9 @@ class SagaParts:
     on_credit: Callable[[CreditedJob], None] | None
     # Hears of every settled job with a verified receipt (the spot checker).
     on_finished: Callable[[FinishedJob], None] | None
+    # Place the durable hold before dispatching (replicas: each process's credit estimate
+    # misses the holds of the others, so only the ledger's own check is exact across them).
+    hold_first: bool = False
 
 
 class TimedCompletion(RunningCompletion):
@@ -121,6 +126,7 @@ class RequestSaga:
         self._reservation: Reservation | None = None
         self._spend: SpendHold | None = None
         self._admission: Admission | None = None  # None for a free model: nothing to hold
+        self._early_hold: Hold | None = None  # placed on entry with ``hold_first``
         self._completion: TimedCompletion | None = None
 
     async def __aenter__(self) -> RequestSaga:
@@ -130,7 +136,10 @@ class RequestSaga:
             self._reservation = parts.limits.check(self._buyer.key_id, tokens=tokens)
         try:
             self._spend = await parts.spend.admit(self._buyer, self._max_cost)
-            self._admission = await self._admit()
+            if parts.hold_first:
+                self._early_hold = await self._hold_now()
+            else:
+                self._admission = await self._admit()
         except BaseException:
             await asyncio.shield(self._release_limits())
             raise
@@ -149,7 +158,12 @@ class RequestSaga:
         """The job's running completion: it places the hold once its first delta is delivered
         (so the commit's work never delays the first token) and reports the rate limits."""
         self._completion = completion
-        completion.place_hold = self._start_hold
+        if self._early_hold is not None:
+            held: asyncio.Future[Hold | None] = asyncio.get_running_loop().create_future()
+            held.set_result(self._early_hold)
+            completion.hold = held
+        elif not self._parts.hold_first:
+            completion.place_hold = self._start_hold
         if self._reservation is not None:
             completion.rate_limits = self._reservation.states
 
@@ -159,6 +173,19 @@ class RequestSaga:
         try:
             return await self._parts.credit.admit(buyer_account(self._buyer), self._max_cost)
         except CreditsShortError as error:
+            raise self._insufficient(available=error.available) from None
+
+    async def _hold_now(self) -> Hold | None:
+        """The durable hold of the request's maximum cost, placed before it is dispatched."""
+        if self._max_cost == 0:
+            return None
+        try:
+            return await self._parts.ledger.hold(
+                buyer_account(self._buyer),
+                self._max_cost,
+                reference=hashlib.sha256(self._job.job_id.encode()).digest(),
+            )
+        except InsufficientFundsError as error:
             raise self._insufficient(available=error.available) from None
 
     def _start_hold(self) -> asyncio.Future[Hold | None]:
@@ -195,11 +222,11 @@ class RequestSaga:
         completion, admission, credit = self._completion, self._admission, self._parts.credit
         # None: no miner took the job, or nothing was delivered, so nothing was held or is owed.
         pending_hold = completion.hold if completion is not None else None
-        hold: Hold | None = None
+        hold: Hold | None = self._early_hold  # released below if nothing was delivered
         hold_failed = False
         charged: int | None = None
         try:
-            if pending_hold is not None:
+            if pending_hold is not None and hold is None:
                 try:
                     hold = await pending_hold
                 except Exception as error:

@@ -28,6 +28,7 @@ from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.http.usage_routes import add_usage_routes
 from coordinator.ops.metrics import CoordinatorMetrics
 from coordinator.ops.miner_snapshot import MinerSnapshots
+from coordinator.replicas.mesh import MeshConfig, ReplicaMesh
 from coordinator.request_saga import miner_account
 from coordinator.service import MarketplaceService
 from coordinator.tls import ServerTls
@@ -139,7 +140,19 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             limits=RateLimiter(config.limits),
             on_finished=checker.submit,
             is_vetted=vetted.is_vetted,
+            hold_first=config.replicated,
         )
+        if config.nats_url is not None:
+            await stack.enter_async_context(
+                ReplicaMesh.running(
+                    MeshConfig(
+                        nats_url=config.nats_url,
+                        replica_id=config.replica_id,
+                        score_timeout_s=config.verification.score_timeout_s,
+                    ),
+                    registry=registry,
+                )
+            )
 
         async def open_miner_account(worker: Worker) -> None:
             await ledger.open_account(miner_account(worker.miner_id))

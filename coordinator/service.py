@@ -117,6 +117,7 @@ class MarketplaceService:
         limits: RateLimiter | None = None,
         on_finished: Callable[[FinishedJob], None] | None = None,
         is_vetted: Callable[[str], bool] = nobody_vetted,
+        hold_first: bool = False,
     ) -> None:
         """``on_credit`` hears of every settlement that credited a miner, once it committed.
         ``on_finished`` hears of every settled job with a verified receipt (the spot checker).
@@ -125,7 +126,8 @@ class MarketplaceService:
 
         ``metrics`` receives latencies and billed tokens; without it they go to a private set.
         ``limits`` enforces requests and tokens per minute per key; None: no rate limits.
-        Spend limits (set per key in the key store) are always enforced.
+        Spend limits (set per key in the key store) are always enforced. ``hold_first`` places
+        each request's durable hold before dispatching it (replicas: ``SagaParts.hold_first``).
         """
         self._catalog = catalog
         self._keys = keys
@@ -144,6 +146,7 @@ class MarketplaceService:
             metrics=self._metrics,
             on_credit=on_credit,
             on_finished=on_finished,
+            hold_first=hold_first,
         )
 
     async def authenticate(self, api_key: str) -> Buyer:
