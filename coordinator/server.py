@@ -206,6 +206,7 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             receipts.running(),
             checker.running(),
             snapshots.running(),
+            *([trust.watching()] if config.replicated else []),  # bans by other replicas
         ):
             await stack.enter_async_context(running)
         # Fenced now: no other coordinator runs, so open holds belong to dead requests.

@@ -5,6 +5,11 @@ its run of consecutive valid checks (which sets its check rate), counters for op
 pooled statistics of its checked jobs per scorer, and whether its key is banned. Every check's
 outcome is also appended to ``verification_checks``, which is what ``meshmint-coordinator
 checks`` and a slashed miner's questions are answered from.
+
+Replicas each cache the records; every save announces the identity on ``meshmint_trust``
+(``pg_notify`` in the same statement), and :meth:`TrustStore.watching` reloads announced records,
+so a key one replica banned is refused by every replica at once (a full reload every
+``refresh_s`` is the backstop for a listener that is down).
 """
 
 from __future__ import annotations
@@ -12,15 +17,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
+from coordinator.pg_listener import ChannelListener
 from coordinator.verification.judge import PooledStats
 
 logger = logging.getLogger(__name__)
+
+CHANNEL = "meshmint_trust"
+"""Where saved records are announced; the payload is the miner id."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS verification_identities (
@@ -165,11 +175,62 @@ class TrustStore:
             f"INSERT INTO verification_identities (miner_id, {columns}, pools) "
             f"VALUES ($1, {placeholders}, ${len(_COLUMNS) + 2}::jsonb) "
             f"ON CONFLICT (miner_id) DO UPDATE SET {updates}, pools = EXCLUDED.pools, "
-            "updated_at = now()",
+            f"updated_at = now() RETURNING pg_notify('{CHANNEL}', miner_id)",
             record.miner_id,
             *(getattr(record, column) for column in _COLUMNS),
             _pools_to_json(record.pools),
         )
+
+    @asynccontextmanager
+    async def watching(self, *, refresh_s: float = 10.0) -> AsyncIterator[None]:
+        """Keeps the cache current with other processes' saves while the block runs."""
+        changed: set[str] = set()
+        wake = asyncio.Event()
+
+        def announced(miner_id: str) -> None:
+            changed.add(miner_id)
+            wake.set()
+
+        async def watch() -> None:
+            listener: ChannelListener | None = None
+            try:
+                while True:
+                    if listener is None:
+                        with suppress(OSError, TimeoutError, asyncpg.PostgresError):
+                            listener = await ChannelListener.open(
+                                self._pool, channel=CHANNEL, on_notify=announced
+                            )
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), refresh_s)
+                    wake.clear()
+                    ids = sorted(changed) if changed else None  # None: the backstop, all
+                    changed.clear()
+                    try:
+                        await self._reload(ids)
+                    except (OSError, asyncpg.PostgresError) as error:
+                        logger.warning("cannot reload trust records (%r); retrying", error)
+                        if listener is not None:
+                            await listener.close(healthy=False)
+                            listener = None
+            finally:
+                if listener is not None:
+                    await listener.close(healthy=True)
+
+        task = asyncio.create_task(watch(), name="meshmint-trust-watcher")
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def _reload(self, miner_ids: Sequence[str] | None) -> None:
+        rows = await self._pool.fetch(
+            "SELECT * FROM verification_identities WHERE $1::text[] IS NULL OR miner_id = ANY($1)",
+            miner_ids,
+        )
+        async with self.lock:  # never swap a record this process is updating
+            for row in rows:
+                self._records[row["miner_id"]] = _record(row)
 
     async def record_check(self, check: CheckRecord) -> None:
         await self._pool.execute(
