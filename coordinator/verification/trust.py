@@ -170,7 +170,16 @@ class TrustStore:
     async def save(self, record: TrustRecord) -> None:
         columns = ", ".join(_COLUMNS)
         placeholders = ", ".join(f"${index}" for index in range(2, len(_COLUMNS) + 2))
-        updates = ", ".join(f"{column} = EXCLUDED.{column}" for column in _COLUMNS)
+        # A ban and the confirmed failures behind it only ever grow: a replica saving a stale
+        # copy of the record must not take them back.
+        sticky = {
+            "banned": "verification_identities.banned OR EXCLUDED.banned",
+            "confirmed_failures": "GREATEST(verification_identities.confirmed_failures, "
+            "EXCLUDED.confirmed_failures)",
+        }
+        updates = ", ".join(
+            f"{column} = {sticky.get(column, f'EXCLUDED.{column}')}" for column in _COLUMNS
+        )
         await self._pool.execute(
             f"INSERT INTO verification_identities (miner_id, {columns}, pools) "
             f"VALUES ($1, {placeholders}, ${len(_COLUMNS) + 2}::jsonb) "

@@ -44,3 +44,18 @@ async def test_without_the_listener_the_backstop_reload_still_catches_up(db_pool
     assert not other.is_banned("miner-3")
     async with other.watching(refresh_s=0.1):
         await eventually_banned(other, "miner-3")
+
+
+async def test_a_stale_copy_saved_later_cannot_take_a_ban_back(db_pool: Pool) -> None:
+    deciding = await TrustStore.create(db_pool)
+    stale = await TrustStore.create(db_pool)
+    stale_record = stale.get("miner-4")  # read before the ban
+    record = deciding.get("miner-4")
+    record.confirmed_failures, record.banned = 2, True
+    await deciding.save(record)
+    stale_record.checks_passed += 1  # another replica's passing check, on its old copy
+    await stale.save(stale_record)
+    fresh = await TrustStore.create(db_pool)
+    assert fresh.is_banned("miner-4")
+    assert fresh.get("miner-4").confirmed_failures == 2
+    assert fresh.get("miner-4").checks_passed == 1
