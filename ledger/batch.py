@@ -79,6 +79,7 @@ class PlaceHold:
     buyer: AccountRef
     amount: int
     reference: bytes
+    holder: str | None = None  # the coordinator replica that placed it; None: nobody's
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class _HoldRow:
     reference: bytes
     new: bool = False
     closed: dict[str, Any] = field(default_factory=dict)
+    holder: str | None = None  # set for new holds only: the column is written, never read
 
 
 def reference_of(value: bytes | None) -> bytes:
@@ -259,7 +261,7 @@ def _apply_one(batch: _Batch, op: Operation, hold_ids: list[int]) -> Outcome:
             raise InsufficientFundsError(op.buyer, needed=op.amount, available=available)
         hold_id = hold_ids.pop()
         batch.holds[hold_id] = _HoldRow(
-            hold_id, op.buyer, op.amount, "open", op.reference, new=True
+            hold_id, op.buyer, op.amount, "open", op.reference, new=True, holder=op.holder
         )
         batch.append(
             EntryKind.HOLD, op.buyer, ESCROW, op.amount, hold_id=hold_id, reference=op.reference
@@ -389,8 +391,8 @@ async def apply_batch(conn: Connection, ops: Sequence[Operation]) -> list[Outcom
 # only by its owner, who learns of it once its batch committed.
 _PERSIST_SQL = """
 WITH new_holds AS (
-    INSERT INTO ledger_holds (id, buyer, amount, reference)
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[])
+    INSERT INTO ledger_holds (id, buyer, amount, reference, holder)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[], $32::text[])
 ), new_entries AS (
     INSERT INTO ledger_entries
         (seq, kind, debit, credit, amount, hold_id, reference, memo, leaf, leaf_hash)
@@ -460,6 +462,7 @@ async def _persist(batch: _Batch) -> None:
         batch.frontier.to_bytes(),
         batch.last_hash,
         bool(batch.entry_rows),
+        [r.holder for r in new_holds],
     )
     if updated != len(closed):
         # Holds are loaded and checked under the log lock, so this means a writer that ignores

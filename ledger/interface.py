@@ -117,11 +117,15 @@ class Ledger(Protocol):
         """Issues ``amount`` new micro-units into ``account`` (issuance -> account)."""
         ...
 
-    async def hold(self, buyer: AccountRef, amount: int, *, reference: bytes) -> Hold:
+    async def hold(
+        self, buyer: AccountRef, amount: int, *, reference: bytes, holder: str | None = None
+    ) -> Hold:
         """Moves ``amount`` from ``buyer`` to escrow, atomically checking the balance.
 
         Raises InsufficientFundsError rather than letting any balance go below zero, also when
-        many holds race. ``reference`` (32 bytes) ties the hold to its request.
+        many holds race. ``reference`` (32 bytes) ties the hold to its request. ``holder`` names
+        the coordinator replica that placed it (``coordinator.replicas``), so that the holds of
+        a replica that died, and only those, can be released; None when no replica owns it.
         """
         ...
 

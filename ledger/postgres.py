@@ -40,6 +40,7 @@ from ledger.interface import (
     AccountKind,
     AccountRef,
     Hold,
+    HoldClosedError,
     InvalidAmountError,
     Settlement,
     UnknownAccountError,
@@ -133,10 +134,12 @@ class PostgresLedger:
         await self._submit(Mint(account, amount, memo))
         logger.info("minted %d micro-units into %s", amount, account)
 
-    async def hold(self, buyer: AccountRef, amount: int, *, reference: bytes) -> Hold:
+    async def hold(
+        self, buyer: AccountRef, amount: int, *, reference: bytes, holder: str | None = None
+    ) -> Hold:
         _check_account(buyer, kinds=(AccountKind.BUYER,), role="hold from")
         _check_amount("hold amount", amount, positive=True)
-        outcome = await self._submit(PlaceHold(buyer, amount, reference))
+        outcome = await self._submit(PlaceHold(buyer, amount, reference, holder))
         assert isinstance(outcome, Hold)
         return outcome
 
@@ -161,18 +164,33 @@ class PostgresLedger:
         assert isinstance(outcome, Settlement)
         return outcome
 
-    async def release_open_holds(self) -> int:
-        """Releases every open hold; returns how many. Only for a sequencer starting up: no
-        request survives a restart, so a hold still open belongs to a request that died with the
-        previous process and would otherwise keep the buyer's money in escrow forever."""
+    async def release_open_holds(self, *, holder: str | None = None) -> int:
+        """Releases the open holds placed by ``holder``; returns how many this call closed.
+
+        For cleaning up after a coordinator replica that is gone (``coordinator.replicas``): no
+        request outlives its replica, so its open holds belong to requests that died with it and
+        would otherwise keep the buyers' money in escrow forever. ``holder=None`` releases the
+        holds that name no holder: those placed before holders existed, or by callers outside a
+        replica; only safe while no such caller can have a request in flight (a fenced single
+        coordinator at startup); it is the default, so a caller that places holds without a
+        holder keeps the old meaning (every hold it placed). A hold that closes meanwhile (its
+        request settled it, or another sweeper released it first) is skipped, so running this
+        twice is harmless.
+        """
         rows = await self._pool.fetch(
             "SELECT h.id, h.amount, a.kind, a.owner FROM ledger_holds AS h"
-            " JOIN ledger_accounts AS a ON a.id = h.buyer WHERE h.status = 'open'"
+            " JOIN ledger_accounts AS a ON a.id = h.buyer"
+            " WHERE h.status = 'open' AND h.holder IS NOT DISTINCT FROM $1",
+            holder,
         )
-        await asyncio.gather(
-            *(self.release(Hold(r["id"], _ref(r["kind"], r["owner"]), r["amount"])) for r in rows)
+        outcomes = await asyncio.gather(
+            *(self.release(Hold(r["id"], _ref(r["kind"], r["owner"]), r["amount"])) for r in rows),
+            return_exceptions=True,
         )
-        return len(rows)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, HoldClosedError):
+                raise outcome
+        return sum(isinstance(outcome, Settlement) for outcome in outcomes)
 
     async def slash(self, miner: AccountRef, amount: int, *, reference: bytes, memo: str) -> int:
         _check_account(miner, kinds=(AccountKind.MINER,), role="slash")

@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS ledger_holds (
     settlement_reference bytea,  -- the job receipt hash, set by settle
     created_at timestamptz NOT NULL DEFAULT now(),
     closed_at timestamptz,
+    -- the coordinator replica that placed it (coordinator/replicas/lease.py), whose death
+    -- releases it; NULL: placed before holders existed, or by a caller outside a replica
+    holder text,
     CONSTRAINT ledger_holds_status_known CHECK (status IN ('open', 'settled', 'released')),
     CONSTRAINT ledger_holds_closed_at CHECK ((status = 'open') = (closed_at IS NULL)),
     CONSTRAINT ledger_holds_settlement_adds_up CHECK (
@@ -126,6 +129,20 @@ CREATE INDEX IF NOT EXISTS ledger_entries_credited_idx ON ledger_entries (credit
 CREATE INDEX IF NOT EXISTS ledger_entries_taken_idx ON ledger_entries (debit, created_at)
     WHERE kind IN ('slash', 'refund');
 CREATE INDEX IF NOT EXISTS ledger_holds_open_idx ON ledger_holds (created_at) WHERE status = 'open';
+
+-- Holds' holder, for databases created before it existed. Guarded rather than a bare
+-- ADD COLUMN IF NOT EXISTS, which would take ledger_holds' exclusive lock on every start (and
+-- stall the other replicas' writers for that moment) even when the column is there.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = 'ledger_holds'::regclass AND attname = 'holder' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE ledger_holds ADD COLUMN IF NOT EXISTS holder text;
+    END IF;
+END
+$$;
 
 INSERT INTO ledger_accounts (kind, owner)
 VALUES ('issuance', ''), ('escrow', ''), ('fee', '')

@@ -22,13 +22,14 @@ async def miners_report(
     vetted: frozenset[str] = frozenset(),
     fresh_within_s: float = 15.0,
 ) -> str:
-    """Connected miners with their models, load, measured speed and spot-check record; a
-    miner in ``vetted`` (``miners vet``) is marked so in its status."""
+    """Connected miners, on every coordinator replica (the first 8 characters of its id; '-'
+    for a coordinator that runs alone), with their models, load, measured speed and spot-check
+    record; a miner in ``vetted`` (``miners vet``) is marked so in its status."""
     miners = await connected_miners(pool, fresh_within_s=fresh_within_s)
     trust = {record.miner_id: record for record in await list_identities(pool)}
     config = VerificationConfig()
     lines = [
-        f"{'miner':<16} {'models':<24} {'device':<20} {'load':>7} {'ttft ms':>8} "
+        f"{'miner':<16} {'replica':<8} {'models':<24} {'device':<20} {'load':>7} {'ttft ms':>8} "
         f"{'tok/s':>7} {'checks':>11} {'rate':>6}  status"
     ]
     for miner in miners:
@@ -44,7 +45,8 @@ async def miners_report(
             ", vetted" if miner.miner_id in vetted else ""
         )
         lines.append(
-            f"{miner.miner_id[:16]:<16} {','.join(miner.models)[:24]:<24} "
+            f"{miner.miner_id[:16]:<16} {miner.replica_id[:8] or '-':<8} "
+            f"{','.join(miner.models)[:24]:<24} "
             f"{miner.device[:20]:<20} {f'{miner.active_jobs}/{miner.max_concurrency}':>7} "
             f"{_number(miner.ttft_ms, 1):>8} {_number(miner.tokens_per_s, 1):>7} "
             f"{checks:>11} {rate:>6.1%}  {status}"

@@ -366,3 +366,55 @@ async def test_concurrent_settlements_to_one_miner_never_deadlock(
     open_holds = await db_pool.fetchval("SELECT count(*) FROM ledger_holds WHERE status = 'open'")
     assert open_holds == 0
     await assert_books_balance(ledger, db_pool)
+
+
+async def test_release_open_holds_releases_only_its_holders_holds(
+    ledger: PostgresLedger, db_pool: Pool
+) -> None:
+    await ledger.mint(BUYER, 1_000)
+    # Holds placed together share one batch: each keeps its own holder.
+    mine, theirs, nobodys, settled = await asyncio.gather(
+        ledger.hold(BUYER, 100, reference=ref("mine"), holder="replica-a"),
+        ledger.hold(BUYER, 200, reference=ref("theirs"), holder="replica-b"),
+        ledger.hold(BUYER, 300, reference=ref("nobody's")),
+        ledger.hold(BUYER, 50, reference=ref("settled"), holder="replica-a"),
+    )
+    await ledger.settle(settled, miner=MINER, miner_credit=40, fee=0, reference=ref("receipt"))
+    holders = dict(await db_pool.fetch("SELECT id, holder FROM ledger_holds"))
+    assert holders == {
+        mine.hold_id: "replica-a",
+        theirs.hold_id: "replica-b",
+        nobodys.hold_id: None,
+        settled.hold_id: "replica-a",
+    }
+
+    assert await ledger.release_open_holds(holder="replica-a") == 1
+    assert await ledger.release_open_holds(holder="replica-a") == 0  # twice is harmless
+    status = dict(await db_pool.fetch("SELECT id, status FROM ledger_holds"))
+    assert status == {
+        mine.hold_id: "released",
+        theirs.hold_id: "open",
+        nobodys.hold_id: "open",
+        settled.hold_id: "settled",
+    }
+    assert await ledger.balance(BUYER) == 1_000 - 40 - 200 - 300
+    with pytest.raises(HoldClosedError):
+        await ledger.settle(mine, miner=MINER, miner_credit=10, fee=0, reference=ref("late"))
+
+    assert await ledger.release_open_holds(holder=None) == 1  # the holds nobody owns
+    status = dict(await db_pool.fetch("SELECT id, status FROM ledger_holds"))
+    assert status[nobodys.hold_id] == "released" and status[theirs.hold_id] == "open"
+    await assert_books_balance(ledger, db_pool)
+
+
+async def test_a_ledger_made_before_holders_gets_the_column(db_pool: Pool) -> None:
+    await PostgresLedger.create(db_pool)
+    await db_pool.execute("ALTER TABLE ledger_holds DROP COLUMN holder")
+    ledger = await PostgresLedger.create(db_pool)  # as the first start of this version does
+    await ledger.open_account(BUYER)
+    await ledger.mint(BUYER, 10)
+    hold = await ledger.hold(BUYER, 10, reference=ref("r"), holder="replica-a")
+    assert await db_pool.fetchval("SELECT holder FROM ledger_holds") == "replica-a"
+    assert await ledger.release_open_holds(holder="replica-a") == 1
+    with pytest.raises(HoldClosedError):
+        await ledger.release(hold)
