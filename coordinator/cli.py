@@ -321,7 +321,13 @@ async def _serve(config: CoordinatorConfig) -> None:
             f"miners {join_host_port(config.grpc_host, running.grpc_port)}\n"
         )
         sys.stdout.flush()
-        await stop.wait()
+        stopping = asyncio.ensure_future(stop.wait())
+        lost = asyncio.ensure_future(running.lease_lost.wait())
+        await asyncio.wait([stopping, lost], return_when=asyncio.FIRST_COMPLETED)
+        for waiter in (stopping, lost):
+            waiter.cancel()
+        if running.lease_lost.is_set():
+            logger.error("this replica's lease was taken over: stopping (its holds are gone)")
 
 
 async def _with_ledger(

@@ -9,6 +9,7 @@ from pathlib import Path
 from coordinator.billing.limits import LimitsConfig
 from coordinator.dispatch.dispatcher import DispatchConfig
 from coordinator.gateway.config import GatewayConfig
+from coordinator.replicas.lease import LeaseConfig
 from coordinator.request_saga import BillingConfig
 from coordinator.tls import TlsConfig
 from coordinator.verification.policy import VerificationConfig
@@ -53,6 +54,7 @@ class CoordinatorConfig:
     # This process's name among the replicas (a NATS subject token); fresh at every start, so a
     # restarted replica never inherits a dead one's leases.
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    lease: LeaseConfig = field(default_factory=LeaseConfig)  # who is alive among the replicas
 
     def __post_init__(self) -> None:
         # Refused before anything starts: plaintext off loopback must be asked for.

@@ -23,13 +23,13 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from coordinator.api import Buyer, TextDelta
 from coordinator.billing.admission import Admission, CreditGuard, CreditsShortError
 from coordinator.billing.job_log import JobLog, JobRecord
-from coordinator.billing.limits import RateLimiter, Reservation, SpendGuard, SpendHold
+from coordinator.billing.limits import RateLimits, Reservation, SpendGuard, SpendHold
 from coordinator.billing.receipts import CreditedJob
 from coordinator.catalog import CatalogEntry
 from coordinator.completion import RunningCompletion
@@ -72,7 +72,7 @@ class SagaParts:
     ledger: Ledger  # holds, settlements, releases
     credit: CreditGuard  # the in-memory estimate of what each buyer can still commit
     spend: SpendGuard  # per-key spend limits
-    limits: RateLimiter | None  # per-key requests and tokens per minute; None: no rate limits
+    limits: RateLimits | None  # per-key requests and tokens per minute; None: no rate limits
     job_log: JobLog  # one row per job
     metrics: CoordinatorMetrics  # billed tokens
     # Hears of every settlement that credited a miner, once it committed (the receipts).
@@ -82,6 +82,11 @@ class SagaParts:
     # Place the durable hold before dispatching (replicas: each process's credit estimate
     # misses the holds of the others, so only the ledger's own check is exact across them).
     hold_first: bool = False
+    # This replica's id: its holds carry it, so a sweep of a dead replica releases only its own.
+    replica_id: str = ""
+    # Settlements still running (shielded from the buyer's disconnect): shutdown waits for them
+    # before the replica's lease, which releases its open holds, ends.
+    settling: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class TimedCompletion(RunningCompletion):
@@ -133,9 +138,11 @@ class RequestSaga:
         parts, job = self._parts, self._job
         if parts.limits is not None:
             tokens = len(job.prompt_token_ids) + job.sampling.max_tokens
-            self._reservation = parts.limits.check(self._buyer.key_id, tokens=tokens)
+            self._reservation = await parts.limits.check(self._buyer.key_id, tokens=tokens)
         try:
-            self._spend = await parts.spend.admit(self._buyer, self._max_cost)
+            self._spend = await parts.spend.admit(
+                self._buyer, self._max_cost, job_id=self._job.job_id
+            )
             if parts.hold_first:
                 self._early_hold = await self._hold_now()
             else:
@@ -152,7 +159,10 @@ class RequestSaga:
         traceback: TracebackType | None,
     ) -> None:
         # Shielded: a buyer who disconnects cancels the request, never the settlement.
-        await asyncio.shield(self._finish())
+        settling = asyncio.ensure_future(self._finish())
+        self._parts.settling.add(settling)
+        settling.add_done_callback(self._parts.settling.discard)
+        await asyncio.shield(settling)
 
     def attach(self, completion: TimedCompletion) -> None:
         """The job's running completion: it places the hold once its first delta is delivered
@@ -184,6 +194,7 @@ class RequestSaga:
                 buyer_account(self._buyer),
                 self._max_cost,
                 reference=hashlib.sha256(self._job.job_id.encode()).digest(),
+                holder=self._parts.replica_id,
             )
         except InsufficientFundsError as error:
             raise self._insufficient(available=error.available) from None
@@ -202,6 +213,7 @@ class RequestSaga:
                 admission.account,
                 admission.amount,
                 reference=hashlib.sha256(self._job.job_id.encode()).digest(),
+                holder=self._parts.replica_id,
             )
         except InsufficientFundsError as error:
             # Only this process places holds, so the estimate was wrong: a bug, not a race.
@@ -318,8 +330,10 @@ class RequestSaga:
         parts, completion = self._parts, self._completion
         if self._reservation is not None and parts.limits is not None:
             if completion is None:
-                parts.limits.cancel(self._reservation)
+                await parts.limits.cancel(self._reservation)
             else:
-                parts.limits.record_usage(self._reservation, tokens=completion.usage.total_tokens)
+                await parts.limits.record_usage(
+                    self._reservation, tokens=completion.usage.total_tokens
+                )
         if self._spend is not None:
             await parts.spend.finished(self._spend)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -12,8 +13,13 @@ from aiohttp import web
 
 from coordinator.billing.job_log import JobLog
 from coordinator.billing.keys import KeyStore
-from coordinator.billing.limits import RateLimiter
+from coordinator.billing.limits import (
+    LocalRateLimits,
+    RateLimits,
+    drop_spend_reservations,
+)
 from coordinator.billing.receipts import LedgerReceipts
+from coordinator.billing.shared_limits import SharedRateLimits
 from coordinator.billing.usage import UsageService
 from coordinator.catalog import Catalog, catalog_from_specs, load_catalog
 from coordinator.config import CatalogSource, CoordinatorConfig, join_host_port
@@ -27,7 +33,8 @@ from coordinator.http.app import create_app
 from coordinator.http.ledger_routes import add_ledger_routes
 from coordinator.http.usage_routes import add_usage_routes
 from coordinator.ops.metrics import CoordinatorMetrics
-from coordinator.ops.miner_snapshot import MinerSnapshots
+from coordinator.ops.miner_snapshot import MinerSnapshots, delete_replica_miners
+from coordinator.replicas.lease import ReplicaLease
 from coordinator.replicas.mesh import MeshConfig, ReplicaMesh
 from coordinator.request_saga import miner_account
 from coordinator.service import MarketplaceService
@@ -61,6 +68,9 @@ class RunningCoordinator:
     checker: SpotChecker  # spot checks of finished jobs
     trust: TrustStore  # what spot checks found, per identity
     tls: ServerTls  # the listeners' certificates; reload() rotates them (SIGHUP)
+    # Set when another replica swept this one's lease (it was paused too long): its holds were
+    # released under it, so it must stop (the CLI drains and exits).
+    lease_lost: asyncio.Event
 
 
 def build_catalog(source: CatalogSource) -> Catalog:
@@ -96,6 +106,18 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         keys = await KeyStore.create(pool)
         job_log = await JobLog.create(pool)
         stack.push_async_callback(job_log.aclose)
+        # Entered before the listeners, so it ends after them: what this replica owns (its
+        # holds, its miners' rows, its spend reservations) is cleaned up once nothing uses it.
+        lease = ReplicaLease(pool, config.lease, replica_id=config.replica_id)
+        lease.add_cleanup("ledger holds", functools.partial(_release_holds, ledger))
+        lease.add_cleanup("miner snapshot", functools.partial(delete_replica_miners, pool))
+        lease.add_cleanup("spend reservations", functools.partial(drop_spend_reservations, pool))
+        await stack.enter_async_context(lease)
+        limits: RateLimits = LocalRateLimits(config.limits)
+        if config.replicated:  # the replicas' buckets agree: they are rows, not memory
+            shared = await SharedRateLimits.create(pool, config.limits)
+            await stack.enter_async_context(shared.running())
+            limits = shared
         registry = MinerRegistry()
         metrics = CoordinatorMetrics(
             miner_counts=lambda: {name: len(registry.serving(name)) for name in catalog.names()}
@@ -137,11 +159,15 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             job_log=job_log,
             on_credit=receipts.credited,
             metrics=metrics,
-            limits=RateLimiter(config.limits),
+            limits=limits,
             on_finished=checker.submit,
             is_vetted=vetted.is_vetted,
             hold_first=config.replicated,
+            replica_id=lease.replica_id,
         )
+        # Unwound after the listeners stop and before the lease ends: a settlement still running
+        # keeps its hold until it has closed it.
+        stack.push_async_callback(service.settled)
         if config.nats_url is not None:
             await stack.enter_async_context(
                 ReplicaMesh.running(
@@ -198,7 +224,9 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         await site.start()
         http_port = int(runner.addresses[0][1])
         stack.callback(logger.info, "coordinator shutting down")
-        snapshots = MinerSnapshots(pool, registry=registry, interval_s=2.0)
+        snapshots = MinerSnapshots(
+            pool, registry=registry, interval_s=2.0, replica_id=lease.replica_id
+        )
         for running in (
             keys.watching(),  # authentications served from memory, revocations heard at once
             vetted.watching(),  # `miners vet`/`unvet` from any process, heard at once
@@ -210,9 +238,11 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
         ):
             await stack.enter_async_context(running)
         # Fenced now: no other coordinator runs, so open holds belong to dead requests.
-        orphaned = await ledger.release_open_holds()
-        if orphaned:
-            logger.warning("released %d holds left open by a previous run", orphaned)
+        if not config.replicated:
+            # Fenced now: no other coordinator runs, so whatever another one left is a dead
+            # run's (also holds from before holds named their replica).
+            await lease.sweep(everyone_else=True)
+            await _release_holds(ledger, None)
         logger.info(
             "coordinator ready: %s on %s:%d, miners on %s:%d (%s), models %s, ledger key %s",
             tls.http_scheme.upper(),
@@ -235,4 +265,14 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
             checker=checker,
             trust=trust,
             tls=tls,
+            lease_lost=lease.lost,
         )
+
+
+async def _release_holds(ledger: PostgresLedger, replica_id: str | None) -> int:
+    """Releases the open holds a dead replica (or, None, a coordinator before replicas) left."""
+    released = await ledger.release_open_holds(holder=replica_id)
+    if released:
+        owner = f" (replica {replica_id})" if replica_id else ""
+        logger.warning("released %d holds left open by a previous run%s", released, owner)
+    return released

@@ -44,7 +44,7 @@ from coordinator.api import (
 from coordinator.billing.admission import CreditGuard
 from coordinator.billing.job_log import JobLog
 from coordinator.billing.keys import KeyStore
-from coordinator.billing.limits import RateLimiter, SpendGuard
+from coordinator.billing.limits import RateLimits, SpendGuard
 from coordinator.billing.receipts import CreditedJob
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.completion import RunningCompletion
@@ -114,10 +114,11 @@ class MarketplaceService:
         job_log: JobLog,
         on_credit: Callable[[CreditedJob], None] | None = None,
         metrics: CoordinatorMetrics | None = None,
-        limits: RateLimiter | None = None,
+        limits: RateLimits | None = None,
         on_finished: Callable[[FinishedJob], None] | None = None,
         is_vetted: Callable[[str], bool] = nobody_vetted,
         hold_first: bool = False,
+        replica_id: str = "",
     ) -> None:
         """``on_credit`` hears of every settlement that credited a miner, once it committed.
         ``on_finished`` hears of every settled job with a verified receipt (the spot checker).
@@ -127,7 +128,8 @@ class MarketplaceService:
         ``metrics`` receives latencies and billed tokens; without it they go to a private set.
         ``limits`` enforces requests and tokens per minute per key; None: no rate limits.
         Spend limits (set per key in the key store) are always enforced. ``hold_first`` places
-        each request's durable hold before dispatching it (replicas: ``SagaParts.hold_first``).
+        each request's durable hold before dispatching it (replicas: ``SagaParts.hold_first``);
+        ``replica_id`` tags its holds and spend reservations with this replica.
         """
         self._catalog = catalog
         self._keys = keys
@@ -140,14 +142,20 @@ class MarketplaceService:
             billing=billing,
             ledger=ledger,
             credit=self._credit,
-            spend=SpendGuard(job_log=job_log),
+            spend=SpendGuard(job_log=job_log, replica_id=replica_id),
             limits=limits,
             job_log=job_log,
             metrics=self._metrics,
             on_credit=on_credit,
             on_finished=on_finished,
             hold_first=hold_first,
+            replica_id=replica_id,
         )
+
+    async def settled(self) -> None:
+        """Waits for the settlements still running (shutdown: before the lease ends)."""
+        while self._saga_parts.settling:
+            await asyncio.gather(*self._saga_parts.settling, return_exceptions=True)
 
     async def authenticate(self, api_key: str) -> Buyer:
         return await self._keys.authenticate(api_key)

@@ -17,7 +17,13 @@ from openai import AsyncOpenAI
 from coordinator.api import Buyer, ChatMessage, CompletionRequest
 from coordinator.billing.job_log import JobLog
 from coordinator.billing.keys import KeyStore
-from coordinator.billing.limits import LimitsConfig, RateLimiter, SpendGuard
+from coordinator.billing.limits import (
+    LimitsConfig,
+    LocalRateLimits,
+    RateLimiter,
+    RateLimits,
+    SpendGuard,
+)
 from coordinator.catalog import Catalog, CatalogEntry, request_cost
 from coordinator.cli import main
 from coordinator.dispatch.dispatcher import DispatchConfig, Dispatcher
@@ -244,7 +250,7 @@ class Market:
         return asyncio.create_task(play_job(self.session, self.key, self.entry, answer))
 
 
-async def make_market(pool: Pool, catalog: Catalog, limits: RateLimiter | None) -> Market:
+async def make_market(pool: Pool, catalog: Catalog, limits: RateLimits | None) -> Market:
     ledger = await PostgresLedger.create(pool)
     keys = await KeyStore.create(pool)
     registry = MinerRegistry()
@@ -320,7 +326,7 @@ async def test_the_spend_guard_takes_the_limit_from_the_buyer(db_pool: Pool) -> 
 async def test_a_rate_limited_request_is_refused_before_anything_is_held(
     db_pool: Pool, catalog: Catalog
 ) -> None:
-    limits = RateLimiter(LimitsConfig(requests_per_minute=1, tokens_per_minute=0))
+    limits = LocalRateLimits(LimitsConfig(requests_per_minute=1, tokens_per_minute=0))
     market = await make_market(db_pool, catalog, limits)
     request = chat(max_tokens=8)
     miner = await market.play("Yo")
