@@ -12,8 +12,9 @@ The estimate per buyer account: the balance the ledger last reported, minus the 
 of every request admitted since whose hold has not committed yet (``pending``), minus what
 committed holds took since that read. Concretely, ``available`` is decreased by a request's
 maximum at admission and increased by the unused part when it finishes. It is exact because
-one coordinator process places every hold (a second coordinator on the same database refuses
-to start: docs/ledger.md); money arriving from elsewhere (``credits add``, refunds) only makes
+one coordinator process places every hold (a second single coordinator on the same database
+refuses to start: docs/ledger.md; replicas do not use this estimate, they place the hold before
+dispatch: ``SagaParts.hold_first``); money arriving from elsewhere (``credits add``, refunds) only makes
 it low, and a request the estimate refuses re-reads the balance before it is refused. A balance
 read that overlaps a settlement cannot tell whether the returned part is in it, so that
 settlement marks the estimate stale instead of adding to it, and the next request reads again.
