@@ -23,6 +23,7 @@ from ledger.checkpoint import (
     CheckpointSigner,
     parse_signed_checkpoint,
 )
+from ledger.interface import LedgerError
 from ledger.log_reader import LogReader, StoredCheckpoint
 from ledger.merkle import verify_consistency
 
@@ -39,15 +40,15 @@ class CheckpointerConfig:
     allow_key_rotation: bool = False  # sign even though the last checkpoint used another key
 
 
-class SequencerFencedError(RuntimeError):
+class SequencerFencedError(LedgerError, RuntimeError):
     """Another process holds the sequencer lock of this database."""
 
 
-class SigningKeyChangedError(RuntimeError):
+class SigningKeyChangedError(LedgerError, RuntimeError):
     """The last checkpoint was signed by another key, and rotation was not asked for."""
 
 
-class LogForkError(RuntimeError):
+class LogForkError(LedgerError, RuntimeError):
     """The stored tree is not an extension of the last signed checkpoint: refuse to sign."""
 
 
