@@ -22,7 +22,7 @@ Dump file format (``write_dump`` writes it; streamable, no SQL in it)::
 
 Exceptions::
 
-    LedgerError (ledger.interface)
+    LedgerError (ledger.interface, where the whole tree is)
     └── AuditSourceError    the data to audit could not be fetched or read
 """
 

@@ -1,7 +1,8 @@
 """C2SP checkpoints (c2sp.org/tlog-checkpoint) as Ed25519 signed notes (c2sp.org/signed-note).
 
 Standalone: only the standard library and ``cryptography``, no I/O; third parties can copy this
-file with ``merkle.py`` to check the ledger's tree heads.
+file with ``merkle.py`` to check the ledger's tree heads (out of the package, CheckpointError
+derives from a stand-in for ``ledger.interface.LedgerError``).
 
 A checkpoint commits to the log's Merkle tree at one size. Its *body* (the note text) is::
 
@@ -51,6 +52,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+try:
+    from ledger.interface import LedgerError
+except ImportError:  # pragma: no cover - this file copied out of meshmint, as it may be
+
+    class LedgerError(Exception):  # type: ignore[no-redef]
+        """Stands in for ledger.interface.LedgerError, the root of the ledger's errors."""
+
+
 MAX_NOTE_SIZE = 1 << 20  # bytes; a checkpoint is ~150 bytes, cosignatures add ~100 each
 MAX_SIGNATURES = 100  # signature lines per note; the spec asks verifiers to accept >= 16
 MAX_TREE_SIZE = 2**64 - 1  # RFC 9162 tree sizes are uint64
@@ -64,7 +73,7 @@ _DECIMAL = re.compile(r"0|[1-9][0-9]{0,19}")  # ASCII only; 20 digits already ex
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f]")  # control characters other than newline
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LedgerError, ValueError):
     """A note, checkpoint or verifier key is malformed, unsigned, or signed by the wrong key."""
 
 

@@ -38,7 +38,7 @@ from ledger.checkpoint import (
 )
 from ledger.database import EMBEDDED_SUBDIR, connect
 from ledger.dump import DumpError, dump_ledger
-from ledger.interface import AccountBalance
+from ledger.interface import AccountBalance, LedgerError
 from ledger.money import format_credits
 from ledger.postgres import PostgresLedger
 
@@ -50,7 +50,7 @@ PROG = "meshmint-ledger"
 DEFAULT_DATA_DIR = Path("~/.meshmint/coordinator")
 
 
-class CliError(Exception):
+class CliError(LedgerError):
     """A failure the user can act on; printed as one line, exit status 2."""
 
 

@@ -12,11 +12,12 @@ from typing import BinaryIO
 import asyncpg
 
 from ledger.audit_source import OperatorKey, frame, write_dump
+from ledger.interface import LedgerError
 from ledger.log_reader import MAX_PAGE, LogReader
 from ledger.public import PublishedLedger
 
 
-class DumpError(ValueError):
+class DumpError(LedgerError, ValueError):
     """The database holds no signed ledger to dump."""
 
 

@@ -20,7 +20,8 @@ Version 1 layout, all integers big-endian:
 
     acct = u8 AccountKind code, u16 owner length, owner UTF-8 (at most MAX_OWNER_BYTES)
 
-Third parties can decode entries with this module alone (stdlib only).
+Third parties can decode entries with this module alone (stdlib only; out of the package its
+errors derive from a stand-in for ``ledger.interface.LedgerError``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+
+try:
+    from ledger.interface import LedgerError
+except ImportError:  # pragma: no cover - this file copied out of meshmint, as it may be
+
+    class LedgerError(Exception):  # type: ignore[no-redef]
+        """Stands in for ledger.interface.LedgerError, the root of the ledger's errors."""
+
 
 ENTRY_VERSION = 1
 MAX_OWNER_BYTES = 128
@@ -86,7 +95,7 @@ class LedgerEntry:
     memo: str = ""  # free text for humans (e.g. why credits were minted)
 
 
-class EntryFormatError(ValueError):
+class EntryFormatError(LedgerError, ValueError):
     """Bytes that are not a valid version-1 entry, or an entry that cannot be encoded."""
 
 

@@ -74,13 +74,33 @@ class Settlement:
 
 
 class LedgerError(Exception):
-    """Root of ledger failures.
+    """Root of everything the ledger package raises on purpose.
 
     LedgerError
     ├── InvalidAmountError       an amount is negative, zero where not allowed, or too large
     ├── UnknownAccountError      the account was never opened
     ├── InsufficientFundsError   the buyer's balance does not cover the hold
-    └── HoldClosedError          the hold does not exist, or was already settled or released
+    ├── HoldClosedError          the hold does not exist, or was already settled or released
+    │
+    │   The sequencer (checkpointer.py), also RuntimeErrors:
+    ├── SequencerFencedError     another process holds the sequencer lock, or took it over
+    ├── SigningKeyChangedError   the last checkpoint was signed by another key, no rotation asked
+    ├── LogForkError             the stored tree does not extend the signed checkpoints
+    │
+    │   Bytes, keys and ranges, also ValueErrors:
+    ├── CheckpointError          a malformed, unsigned or wrongly signed note or key (checkpoint.py)
+    ├── EntryFormatError         bytes that are not a valid entry, or one not encodable (entry.py)
+    ├── LogRangeError            an index or size outside the log (log_reader.py)
+    ├── KeyFileError             a key file unreadable, not Ed25519 or open to others (keyfile.py)
+    ├── DumpError                the database holds no signed ledger to dump (dump.py)
+    │
+    │   The meshmint-ledger tool:
+    ├── AuditSourceError         the data to audit could not be fetched or read (audit_source.py)
+    └── CliError                 a failure the user can act on, exit status 2 (cli.py)
+
+    The subclasses that were ValueErrors or RuntimeErrors before this tree still are, so an
+    ``except ValueError`` written for them still catches them. This module imports nothing from
+    the package, so every other module can import LedgerError from it without a cycle.
     """
 
 

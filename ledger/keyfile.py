@@ -18,6 +18,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ledger.interface import LedgerError
+
 logger = logging.getLogger(__name__)
 
 # Group/other permission bits. Write access matters as much as read access: whoever can replace
@@ -25,7 +27,7 @@ logger = logging.getLogger(__name__)
 _OPEN_TO_OTHERS = stat.S_IRWXG | stat.S_IRWXO
 
 
-class KeyFileError(ValueError):
+class KeyFileError(LedgerError, ValueError):
     """The key file is unreadable, not an Ed25519 PEM key, or open to other users."""
 
 

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import asyncpg
 
+from ledger.interface import LedgerError
 from ledger.merkle import (
     CompactRange,
     Node,
@@ -27,7 +28,7 @@ from ledger.merkle import (
 MAX_PAGE = 10_000
 
 
-class LogRangeError(ValueError):
+class LogRangeError(LedgerError, ValueError):
     """A requested index or size lies outside the log."""
 
 

@@ -121,6 +121,34 @@ CREATE TABLE IF NOT EXISTS ledger_checkpoints (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- The sequencer epoch (ledger/checkpointer.py): one row, bumped by every process when it becomes
+-- the sequencer, after it took the sequencer lock. Every checkpoint write locks this row and
+-- stores only if the epoch is still the writer's, so a deposed sequencer whose loop still runs
+-- can never store a checkpoint once its successor took over. holder and backend_pid say who
+-- holds the role (pg_terminate_backend(backend_pid) forces a takeover).
+CREATE TABLE IF NOT EXISTS ledger_sequencer (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    epoch bigint NOT NULL CHECK (epoch > 0),
+    holder text NOT NULL,  -- host and pid of the sequencer's process
+    backend_pid integer NOT NULL,  -- its lock connection's server process
+    since timestamptz NOT NULL DEFAULT now()
+);
+
+-- The epoch each checkpoint was stored under; 0 for checkpoints stored before epochs existed,
+-- and by a Checkpointer used without running() (tests, tools). Added where missing, once: an
+-- ALTER TABLE on every start would lock the table against readers each time.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = 'ledger_checkpoints'::regclass AND attname = 'epoch' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE ledger_checkpoints
+            ADD COLUMN epoch bigint NOT NULL DEFAULT 0 CHECK (epoch >= 0);
+    END IF;
+END
+$$;
+
 CREATE INDEX IF NOT EXISTS ledger_entries_hold_id_idx ON ledger_entries (hold_id);
 -- For unmatured credits (PostgresLedger.unmatured): a miner's recent credits and the slashes and
 -- refunds taken from it. Partial, so holds, fees and releases cost these indexes nothing.
