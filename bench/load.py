@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,18 +77,20 @@ GENERATOR_SLACK_S = 2.0  # a generator process starts (imports aiohttp) well wit
 def run_generators(
     args: argparse.Namespace,
     *,
-    target: str,
+    target: str | Sequence[str],
     concurrency: int,
     api_key: str = "none",
     watch: dict[str, list[psutil.Process]] | None = None,
     on_window: Callable[[bool], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Runs the generator processes for one level; their outcomes and the window's CPU cores."""
+    """Runs the generator processes for one level; their outcomes (in process order) and the
+    window's CPU cores. Several targets: process i sends to ``target[i % len(target)]``."""
+    targets = [target] if isinstance(target, str) else list(target)
     processes = min(args.generators, concurrency)
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     start_at = time.time() + GENERATOR_SLACK_S + args.warmup
     common = [
-        *("--target", target, "--start-at", repr(start_at)),
+        *("--start-at", repr(start_at)),
         *("--warmup", str(args.warmup), "--duration", str(args.duration)),
         *("--client", args.client, "--api-key", api_key, "--model", MODEL_NAME),
         *("--max-tokens", str(args.max_tokens), "--model-dir", str(args.model_dir)),
@@ -96,10 +98,13 @@ def run_generators(
     ]
     generators = [
         subprocess.Popen(
-            [sys.executable, "-m", "bench.load_generator", "--workers", str(share), *common],
+            [
+                *(sys.executable, "-m", "bench.load_generator", "--workers", str(share)),
+                *("--target", targets[i % len(targets)], *common),
+            ],
             stdout=subprocess.PIPE,
         )
-        for share in shares
+        for i, share in enumerate(shares)
     ]
     watched = {"generators": [psutil.Process(g.pid) for g in generators], **(watch or {})}
     try:

@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,19 +85,39 @@ class Stack:
         self.coordinator.send_signal(signal.SIGUSR1 if enabled else signal.SIGUSR2)
 
 
-@contextmanager
-def coordinator_stack(config: StackConfig, processes: LoadProcesses) -> Iterator[Stack]:
-    """Starts the coordinator, a key and the miners; stops them all on exit."""
-    coordinator_cli = str(BIN / "meshmint-coordinator")
-    storage = ["--data-dir", str(config.work / "coordinator")]
+def serve_args(config: StackConfig, storage: Sequence[str]) -> list[str]:
+    """``meshmint-coordinator``'s arguments for the measured coordinator (``storage``: its
+    ``--data-dir`` / ``--database-url``); serve options may follow."""
     input_price, output_price = PRICES[config.price]
-    serve = [
+    return [
         *("--log-level", config.log_level, "serve", *storage),
         *("--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"),
         *("--model", f"{MODEL_NAME}={config.model_dir}"),
         *("--input-price", input_price, "--output-price", output_price),
         *("--rpm", "0", "--tpm", "0", "--no-spot-checks"),
     ]
+
+
+def miner_command(config: StackConfig, grpc_address: str, index: int) -> list[str]:
+    """The command of instant miner ``index`` (its key in ``config.work``), dialling
+    ``grpc_address``."""
+    launcher = config.miner_launcher or (sys.executable, "-m", "bench.instant_miner")
+    return [
+        *launcher,
+        *("--tokens", str(config.tokens), "--token-delay", str(config.token_delay_s)),
+        *("run", "--coordinator", grpc_address),
+        *("--model", f"{MODEL_NAME}={config.model_dir}"),
+        *("--key", str(config.work / f"miner-{index}.key"), "--device", "cpu"),
+        *("--max-concurrency", str(config.miner_slots), "--log-level", "WARNING"),
+    ]
+
+
+@contextmanager
+def coordinator_stack(config: StackConfig, processes: LoadProcesses) -> Iterator[Stack]:
+    """Starts the coordinator, a key and the miners; stops them all on exit."""
+    coordinator_cli = str(BIN / "meshmint-coordinator")
+    storage = ["--data-dir", str(config.work / "coordinator")]
+    serve = serve_args(config, storage)
     env = None
     if config.profile is not None:
         # A custom launcher profiles by calling bench.load_profile.main([$PROFILE_ENV, *args]).
@@ -106,7 +126,6 @@ def coordinator_stack(config: StackConfig, processes: LoadProcesses) -> Iterator
         launcher = config.coordinator_launcher or profiled
     else:
         launcher = config.coordinator_launcher or (coordinator_cli,)
-    miner_launcher = config.miner_launcher or (sys.executable, "-m", "bench.instant_miner")
     try:
         coordinator, log = processes.start([*launcher, *serve], "coordinator", env=env)
         ready = wait_for_line(
@@ -127,17 +146,7 @@ def coordinator_stack(config: StackConfig, processes: LoadProcesses) -> Iterator
             postgres_dir=config.work / "coordinator" / "postgres",
         )
         for index in range(config.miners):
-            miner, _ = processes.start(
-                [
-                    *miner_launcher,
-                    *("--tokens", str(config.tokens), "--token-delay", str(config.token_delay_s)),
-                    *("run", "--coordinator", grpc_address),
-                    *("--model", f"{MODEL_NAME}={config.model_dir}"),
-                    *("--key", str(config.work / f"miner-{index}.key"), "--device", "cpu"),
-                    *("--max-concurrency", str(config.miner_slots), "--log-level", "WARNING"),
-                ],
-                f"miner-{index}",
-            )
+            miner, _ = processes.start(miner_command(config, grpc_address, index), f"miner-{index}")
             stack.miners.append(miner)
         wait_for_miners(base_url, stack.api_key, config.miners, STARTUP_TIMEOUT_S)
         yield stack
