@@ -217,6 +217,8 @@ async def run_coordinator(config: CoordinatorConfig) -> AsyncIterator[RunningCoo
                 config.checkpoint_interval_s,
                 allow_key_rotation=config.rotate_ledger_key,
             ),
+            # Replicas: one signs, the others stand by and take over when it dies.
+            standby=config.replicated,
         )
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

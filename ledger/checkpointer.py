@@ -31,11 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn, TypeAlias
+from typing import NoReturn
 
 import asyncpg
 
@@ -48,40 +46,11 @@ from ledger.checkpoint import (
 from ledger.interface import LedgerError
 from ledger.log_reader import LogReader, StoredCheckpoint
 from ledger.merkle import verify_consistency
-
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
-    _Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+from ledger.sequencer_lock import DB_ERRORS as _DB_ERRORS
+from ledger.sequencer_lock import SequencerLock
 
 logger = logging.getLogger(__name__)
 
-# pg_try_advisory_lock key held for the lifetime of the sequencer ("mmseqncr").
-SEQUENCER_LOCK_KEY = 0x6D6D7365716E6372
-
-# A lock connection that cannot answer in this long is lost; also bounds taking the lock.
-_LOCK_TIMEOUT_S = 5.0
-# Errors that mean "the database cannot be reached or answered badly now": retried.
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-# On the lock connection, server side: if the sequencer's host vanishes without closing its
-# socket, PostgreSQL drops the session, and with it the lock, after about 3 + 3 x 1 s instead of
-# the system's default of hours. Ignored on Unix-domain sockets. Reset before the connection goes
-# back to the pool, which does not reset sessions (ledger/database.py), with the lock released.
-_KEEPALIVE_SQL = (
-    "SET tcp_keepalives_idle = 3; SET tcp_keepalives_interval = 1; SET tcp_keepalives_count = 3"
-)
-_RELEASE_SQL = (
-    "SELECT pg_advisory_unlock_all(); RESET tcp_keepalives_idle;"
-    " RESET tcp_keepalives_interval; RESET tcp_keepalives_count"
-)
-# Run on the lock connection once the lock is held: the new epoch, and who holds it.
-_BUMP_EPOCH_SQL = (
-    "INSERT INTO ledger_sequencer (epoch, holder, backend_pid) VALUES (1, $1, pg_backend_pid())"
-    " ON CONFLICT (singleton) DO UPDATE SET epoch = ledger_sequencer.epoch + 1,"
-    " holder = EXCLUDED.holder, backend_pid = EXCLUDED.backend_pid, since = now()"
-    " RETURNING epoch"
-)
 # The newest stored checkpoint, if any, and the current epoch, if any, in one round trip.
 _LATEST_SQL = (
     "SELECT (SELECT epoch FROM ledger_sequencer) AS epoch, c.size, c.root, c.note"
@@ -190,7 +159,7 @@ class Checkpointer:
         """
         checkpointer = cls(pool, signer, config)
         checkpointer._fenced = True
-        lock = _SequencerLock(pool)
+        lock = SequencerLock(pool)
         try:
             if await lock.try_lock():
                 await checkpointer._take_over(lock, quiet=False)
@@ -312,7 +281,7 @@ class Checkpointer:
             f" {what}"
         )
 
-    async def _serve(self, lock: _SequencerLock, *, standby: bool) -> None:
+    async def _serve(self, lock: SequencerLock, *, standby: bool) -> None:
         """Signs while this process is the sequencer; otherwise waits for the lock. Ends only
         with an error (which running() raises when its block ends) or a key that may not sign.
         """
@@ -329,7 +298,7 @@ class Checkpointer:
             logger.exception("the ledger sequencer failed; checkpoints stopped")
             raise
 
-    async def _take_turns(self, lock: _SequencerLock, *, standby: bool) -> None:
+    async def _take_turns(self, lock: SequencerLock, *, standby: bool) -> None:
         while True:
             if self._epoch is None:
                 await self._wait_for_lock(lock, refuse=not standby)
@@ -356,7 +325,7 @@ class Checkpointer:
                 "standing by to take over again" if standby else "taking the lock again",
             )
 
-    async def _sign_while_held(self, lock: _SequencerLock) -> str | SequencerFencedError:
+    async def _sign_while_held(self, lock: SequencerLock) -> str | SequencerFencedError:
         """Signs every ``interval_s`` and checks the lock connection every ``lock_poll_s``;
         returns why this process is not the sequencer any more."""
         loop = asyncio.get_running_loop()
@@ -375,7 +344,7 @@ class Checkpointer:
             except _DB_ERRORS:
                 logger.warning("could not sign a checkpoint; retrying", exc_info=True)
 
-    async def _wait_for_lock(self, lock: _SequencerLock, *, refuse: bool) -> None:
+    async def _wait_for_lock(self, lock: SequencerLock, *, refuse: bool) -> None:
         """Returns once ``lock`` is held, retrying while the database cannot be reached.
 
         Tries every ``lock_poll_s``, refreshing ``latest`` meanwhile; with ``refuse``, raises
@@ -397,7 +366,7 @@ class Checkpointer:
                 unreachable = True
             await asyncio.sleep(self._config.lock_poll_s)
 
-    async def _take_over(self, lock: _SequencerLock, *, quiet: bool) -> bool:
+    async def _take_over(self, lock: SequencerLock, *, quiet: bool) -> bool:
         """Becomes the sequencer once ``lock`` is held: a new epoch, the signer checked and
         recorded, the log signed. Returns False when the signer may not sign this log.
 
@@ -450,73 +419,3 @@ class Checkpointer:
             f"{self._signer.verifier_key} ({problem}); start with the original key "
             "(--ledger-key) or rotate on purpose (--rotate-ledger-key, docs/ledger.md)"
         )
-
-
-class _SequencerLock:
-    """The sequencer lock: a session advisory lock on one pool connection held out of the pool.
-
-    The pool hands connections back without a session reset (ledger/database.py), so the
-    connection goes back only after the lock was released on it; when that cannot be confirmed
-    it is dropped instead, which releases the lock on the server too.
-    """
-
-    def __init__(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
-        self._pool = pool
-        self._connection: _Connection | None = None
-
-    async def try_lock(self) -> bool:
-        """Takes the lock if it is free; connects first if needed. Raises ``_DB_ERRORS``."""
-        try:
-            if self._connection is None:
-                self._connection = await self._pool.acquire(timeout=_LOCK_TIMEOUT_S)
-                await self._connection.execute(_KEEPALIVE_SQL, timeout=_LOCK_TIMEOUT_S)
-            return bool(
-                await self._connection.fetchval(
-                    "SELECT pg_try_advisory_lock($1)", SEQUENCER_LOCK_KEY, timeout=_LOCK_TIMEOUT_S
-                )
-            )
-        except BaseException:
-            await self.close()  # whether the lock was taken is unknown: drop the connection
-            raise
-
-    async def alive(self) -> bool:
-        """Whether the lock connection still answers (its session, and so the lock, lives)."""
-        if self._connection is None:
-            return False
-        try:
-            await self._connection.fetchval("SELECT 1", timeout=_LOCK_TIMEOUT_S)
-        except _DB_ERRORS:
-            return False
-        return True
-
-    async def bump_epoch(self) -> int:
-        """A new sequencer epoch, recorded with who holds it; call with the lock held."""
-        holder = f"{socket.gethostname()} pid {os.getpid()}"
-        epoch = await self._held().fetchval(_BUMP_EPOCH_SQL, holder, timeout=_LOCK_TIMEOUT_S)
-        return int(epoch)
-
-    async def execute(self, query: str, *args: object) -> None:
-        await self._held().execute(query, *args, timeout=_LOCK_TIMEOUT_S)
-
-    def _held(self) -> _Connection:
-        if self._connection is None:
-            raise asyncpg.InterfaceError("the sequencer lock connection is closed")
-        return self._connection
-
-    async def close(self) -> None:
-        """Releases the lock, if held, and the connection."""
-        connection, self._connection = self._connection, None
-        if connection is None:
-            return
-        released = False
-        try:
-            await connection.execute(_RELEASE_SQL, timeout=_LOCK_TIMEOUT_S)
-            released = True
-        except _DB_ERRORS:
-            pass  # dropped below (as it is when cancelled, before the cancel goes on)
-        finally:
-            if not released:
-                # InterfaceError: already back in the pool (asyncpg frees a connection that died)
-                with contextlib.suppress(asyncpg.InterfaceError):
-                    connection.terminate()
-            await self._pool.release(connection, timeout=_LOCK_TIMEOUT_S)

@@ -11,12 +11,19 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from ledger.embedded import EmbeddedPostgres
+from ledger.interface import LedgerError
 
 logger = logging.getLogger(__name__)
+
+
+class DatabaseUnreachableError(LedgerError, OSError):
+    """PostgreSQL at the given URL cannot be reached, or refuses the connection."""
+
 
 EMBEDDED_SUBDIR = "postgres"  # the embedded server's PGDATA, relative to the data dir
 _CLOSE_TIMEOUT_S = 10.0  # how long closing waits for borrowed connections before cutting them
@@ -41,13 +48,18 @@ async def connect(
         if url is None:
             embedded = EmbeddedPostgres(data_dir / EMBEDDED_SUBDIR)
             url = (await stack.enter_async_context(embedded)).url
-        pool = await asyncpg.create_pool(
-            url,
-            min_size=min_size,
-            max_size=max_size,
-            timeout=connect_timeout,
-            reset=_keep_session,
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=connect_timeout,
+                reset=_keep_session,
+            )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+            raise DatabaseUnreachableError(
+                f"cannot reach PostgreSQL at {_redacted(url)}: {error or type(error).__name__}"
+            ) from error
         stack.push_async_callback(_close, pool)
         yield pool
 
@@ -69,3 +81,13 @@ async def _close(pool: asyncpg.Pool[asyncpg.Record]) -> None:
     except TimeoutError:
         logger.warning("connections still in use after %.0f s; closing them", _CLOSE_TIMEOUT_S)
         pool.terminate()
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for an error message."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -94,6 +94,9 @@ class LedgerError(Exception):
     ├── KeyFileError             a key file unreadable, not Ed25519 or open to others (keyfile.py)
     ├── DumpError                the database holds no signed ledger to dump (dump.py)
     │
+    │   The database (database.py), also an OSError:
+    ├── DatabaseUnreachableError PostgreSQL at the given URL cannot be reached or refuses us
+    │
     │   The meshmint-ledger tool:
     ├── AuditSourceError         the data to audit could not be fetched or read (audit_source.py)
     └── CliError                 a failure the user can act on, exit status 2 (cli.py)

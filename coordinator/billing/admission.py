@@ -8,17 +8,17 @@ job, places the durable hold once the first delta was delivered (so a request th
 miner or delivered nothing writes nothing to the ledger, and the commit's work on the event loop
 never delays the first token), and settles against the hold once it committed.
 
-The estimate per buyer account: the balance the ledger last reported, minus the maximum cost
-of every request admitted since whose hold has not committed yet (``pending``), minus what
+The estimate per buyer account: the balance the ledger last reported, minus the maximum cost of
+every request admitted since whose hold has not committed yet (``pending``), minus what
 committed holds took since that read. Concretely, ``available`` is decreased by a request's
-maximum at admission and increased by the unused part when it finishes. It is exact because
-one coordinator process places every hold (a second single coordinator on the same database
-refuses to start: docs/ledger.md; replicas do not use this estimate, they place the hold before
-dispatch: ``SagaParts.hold_first``); money arriving from elsewhere (``credits add``, refunds) only makes
-it low, and a request the estimate refuses re-reads the balance before it is refused. A balance
-read that overlaps a settlement cannot tell whether the returned part is in it, so that
-settlement marks the estimate stale instead of adding to it, and the next request reads again.
-So:
+maximum at admission and increased by the unused part when it finishes. It is exact because one
+coordinator process places every hold (a second single coordinator on the same database refuses
+to start: docs/ledger.md; replicas do not use this estimate, they place the hold before
+dispatch: ``SagaParts.hold_first``); money arriving from elsewhere (``credits add``, refunds)
+only makes it low, and a request the estimate refuses re-reads the balance before it is refused.
+A balance read that overlaps a settlement cannot tell whether the returned part is in it, so
+that settlement marks the estimate stale instead of adding to it, and the next request reads
+again. So:
 
 - a buyer is never refused for want of credits it has;
 - a buyer can never spend more than it has: the durable hold is still the authority (the

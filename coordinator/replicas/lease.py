@@ -46,6 +46,8 @@ from types import TracebackType
 
 import asyncpg
 
+from coordinator.errors import CoordinatorError
+
 logger = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -91,7 +93,7 @@ class LeaseConfig:
             raise ValueError("sweep_interval_s and statement_timeout_s must be positive")
 
 
-class ReplicaIdTakenError(RuntimeError):
+class ReplicaIdTakenError(CoordinatorError):
     """Another live replica registered the replica id this one was given."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from tests.e2e.conftest import INPUT_PRICE, NO_SPOT_CHECKS, OUTPUT_PRICE, price_args
 from tests.e2e.harness import (
+    BIN,
     Coordinator,
     create_key,
     eventually,
@@ -65,14 +67,16 @@ def start_replica(
     )
 
 
-def cluster_of(tmp: Path, *, database_url: str, model_dir: Path) -> Iterator[Cluster]:
+def cluster_of(
+    tmp: Path, *, database_url: str, model_dir: Path, names: tuple[str, str] = ("a", "b")
+) -> Iterator[Cluster]:
     nats = NatsServer(tmp / "nats")
     nats.start()
     started: list[Coordinator] = []
     try:
-        a = start_replica(tmp, "a", database_url=database_url, model_dir=model_dir, nats=nats)
+        a = start_replica(tmp, names[0], database_url=database_url, model_dir=model_dir, nats=nats)
         started.append(a)
-        b = start_replica(tmp, "b", database_url=database_url, model_dir=model_dir, nats=nats)
+        b = start_replica(tmp, names[1], database_url=database_url, model_dir=model_dir, nats=nats)
         started.append(b)
         # The miner dials A, and moves to B when A is gone (--coordinator A,B).
         both = dataclasses.replace(a, grpc_address=f"{a.grpc_address},{b.grpc_address}")
@@ -219,16 +223,19 @@ def _miners_seen(coordinator: Coordinator, secret: str) -> bool:
 
 
 def test_killing_the_sequencer_replica_hands_everything_to_the_other(
-    module_database_url: str, model_dirs: dict[str, Path], tmp_path: Path
+    database_url: str, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     """SIGKILL of A (the sequencer, and the miner's replica) in the middle of a stream: B signs
     checkpoints within 10 s, the miner moves to B, A's open hold is released, nothing is charged
     twice, and the log audits clean."""
     for cluster in cluster_of(
-        tmp_path, database_url=module_database_url, model_dir=model_dirs["tiny"]
+        tmp_path,
+        database_url=database_url,
+        model_dir=model_dirs["tiny"],
+        names=("killed-a", "killed-b"),
     ):
-        key_id, secret = create_key(module_database_url, credits_micro=CREDITS, name="killed")
-        signed_before = _checkpoint_size(module_database_url)
+        key_id, secret = create_key(database_url, credits_micro=CREDITS, name="killed")
+        signed_before = _checkpoint_size(database_url)
         stream = client(cluster.a, secret).chat.completions.create(
             model="tiny", messages=MESSAGES, max_tokens=400, stream=True
         )
@@ -244,18 +251,54 @@ def test_killing_the_sequencer_replica_hands_everything_to_the_other(
         client(cluster.b, secret).chat.completions.create(
             model="tiny", messages=MESSAGES, max_tokens=8
         )
-        eventually(lambda: open_holds(module_database_url) == 0, "A's hold is released", timeout=40)
+        eventually(lambda: open_holds(database_url) == 0, "A's hold is released", timeout=40)
         eventually(
-            lambda: _checkpoint_size(module_database_url) > signed_before,  # noqa: B023
+            lambda: _checkpoint_size(database_url) > signed_before,  # noqa: B023
             "B signs new checkpoints",
             timeout=15,
         )
         audit = ledger_audit(cluster.b)
         assert audit.returncode == 0, audit.stdout + audit.stderr
-        jobs = charged(module_database_url, key_id)
+        jobs = charged(database_url, key_id)
         assert len(jobs) == 1  # B's request; A's killed one was never settled, so never charged
 
 
 def _checkpoint_size(database_url: str) -> int:
     rows = fetch(database_url, "SELECT max(size) AS size FROM ledger_checkpoints")
     return int(rows[0]["size"] or 0)
+
+
+@pytest.mark.parametrize("broken", ["nats", "postgres"])
+def test_an_unreachable_nats_or_postgresql_at_start_is_named_in_one_line(
+    broken: str, database_url: str, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    dead = "127.0.0.1:1"  # nothing listens on port 1
+    result = subprocess.run(
+        [
+            str(BIN / "meshmint-coordinator"),
+            "serve",
+            *(
+                "--database-url",
+                f"postgresql://nobody@{dead}/x" if broken == "postgres" else database_url,
+            ),
+            *("--nats", f"nats://{dead}" if broken == "nats" else "nats://127.0.0.1:2"),
+            *(
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--http",
+                "127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+            ),
+            *("--model", f"tiny={model_dirs['tiny']}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    which = "NATS" if broken == "nats" else "PostgreSQL"
+    assert last.startswith(f"meshmint-coordinator: cannot reach {which} at "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

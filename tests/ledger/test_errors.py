@@ -16,6 +16,7 @@ from ledger.audit_source import AuditSourceError
 from ledger.checkpoint import CheckpointError
 from ledger.checkpointer import LogForkError, SequencerFencedError, SigningKeyChangedError
 from ledger.cli import CliError
+from ledger.database import DatabaseUnreachableError
 from ledger.dump import DumpError
 from ledger.entry import EntryFormatError
 from ledger.interface import (
@@ -43,6 +44,7 @@ ERRORS: dict[type[Exception], type[Exception]] = {
     KeyFileError: ValueError,
     DumpError: ValueError,
     AuditSourceError: LedgerError,
+    DatabaseUnreachableError: OSError,
     CliError: Exception,
 }
 PACKAGE = Path(ledger.__file__).parent

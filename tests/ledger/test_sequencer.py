@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger.checkpoint import Checkpoint, CheckpointSigner, parse_signed_checkpoint
 from ledger.checkpointer import (
-    SEQUENCER_LOCK_KEY,
     Checkpointer,
     CheckpointerConfig,
     LogForkError,
@@ -33,6 +32,7 @@ from ledger.interface import AccountKind, AccountRef
 from ledger.log_reader import Head, LogReader
 from ledger.merkle import leaf_hash, root, verify_consistency
 from ledger.postgres import PostgresLedger
+from ledger.sequencer_lock import SEQUENCER_LOCK_KEY
 
 if TYPE_CHECKING:
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
