@@ -17,6 +17,7 @@ with finish reason "stop".
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -298,13 +299,12 @@ class RunningCompletion:
         )
         if not expected:
             raise MinerMisbehaved("the miner's receipt does not match the job it streamed")
+        signed = receipt_message(receipt)
         try:
-            Ed25519PublicKey.from_public_bytes(self.run.worker.public_key).verify(
-                result.signature, receipt_message(receipt)
-            )
+            _receipt_key(self.run.worker.public_key).verify(result.signature, signed)
         except InvalidSignature:
             raise MinerMisbehaved("the miner's receipt signature is invalid") from None
-        receipt_hash = hashlib.sha256(receipt_message(receipt) + result.signature).digest()
+        receipt_hash = hashlib.sha256(signed + result.signature).digest()
         return VerifiedResult(
             finish_reason=finish,
             receipt_sha256=receipt_hash,
@@ -312,3 +312,9 @@ class RunningCompletion:
             signature=result.signature,
             miner_finish_reason=result.finish_reason,
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _receipt_key(public_key: bytes) -> Ed25519PublicKey:
+    """A miner's identity key, parsed once rather than at every receipt it signs."""
+    return Ed25519PublicKey.from_public_bytes(public_key)
