@@ -8,34 +8,22 @@ request, and the hold is released when nothing was delivered.
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 import pytest
 
-from coordinator.billing.job_log import JobLog
-from coordinator.billing.keys import KeyStore
 from coordinator.catalog import Catalog
-from coordinator.dispatch.dispatcher import Dispatcher
-from coordinator.dispatch.registry import MinerRegistry
-from coordinator.dispatch.router import Router
 from coordinator.errors import InsufficientCreditsError, NoMinerAvailableError
-from coordinator.request_saga import BillingConfig, buyer_account, miner_account
-from coordinator.service import MarketplaceService
 from ledger.entry import EntryKind
 from ledger.interface import ESCROW
-from ledger.postgres import PostgresLedger
 from tests.coordinator.core_fakes import (
-    MODEL,
     WAIT_S,
-    MinerKey,
-    make_session,
     play_job,
     stop_id,
     text_ids,
 )
-from tests.coordinator.test_service import CREDIT, DISPATCH, Market, chat, cost
+from tests.coordinator.test_service import CREDIT, Market, build_market, chat, cost
 
 if TYPE_CHECKING:
     Pool: TypeAlias = asyncpg.Pool[asyncpg.Record]
@@ -43,29 +31,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture
 async def market(db_pool: Pool, catalog: Catalog) -> Market:
-    ledger = await PostgresLedger.create(db_pool)
-    keys = await KeyStore.create(db_pool)
-    registry = MinerRegistry()
-    dispatcher = Dispatcher(DISPATCH, registry=registry, router=Router(rng=random.Random(0)))
-    service = MarketplaceService(
-        BillingConfig(),
-        catalog=catalog,
-        keys=keys,
-        ledger=ledger,
-        registry=registry,
-        dispatcher=dispatcher,
-        job_log=await JobLog.create(db_pool),
-        hold_first=True,
-    )
-    buyer = await service.authenticate((await keys.issue("alice")).secret)
-    await ledger.open_account(buyer_account(buyer))
-    key = MinerKey()
-    session = make_session(catalog, key=key)
-    registry.add(session)
-    await ledger.open_account(miner_account(session.miner_id))
-    return Market(
-        service, ledger, registry, db_pool, catalog.get(MODEL), buyer, key, session, dispatcher
-    )
+    return await build_market(db_pool, catalog, hold_first=True)
 
 
 async def test_the_hold_is_in_the_ledger_before_the_first_token_and_settles_exactly(

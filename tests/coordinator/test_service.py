@@ -103,6 +103,12 @@ class Market:
 
 @pytest.fixture
 async def market(db_pool: Pool, catalog: Catalog) -> Market:
+    return await build_market(db_pool, catalog)
+
+
+async def build_market(db_pool: Pool, catalog: Catalog, *, hold_first: bool = False) -> Market:
+    """A service on real components, an unfunded buyer and one simulated miner in the
+    registry; ``hold_first`` as replicas run it."""
     ledger = await PostgresLedger.create(db_pool)
     keys = await KeyStore.create(db_pool)
     registry = MinerRegistry()
@@ -115,6 +121,7 @@ async def market(db_pool: Pool, catalog: Catalog) -> Market:
         registry=registry,
         dispatcher=dispatcher,
         job_log=await JobLog.create(db_pool),
+        hold_first=hold_first,
     )
     buyer = await service.authenticate((await keys.issue("alice")).secret)
     await ledger.open_account(buyer_account(buyer))
