@@ -48,9 +48,10 @@ def test_table_compares_with_single_and_splits_by_replica() -> None:
     rows = table([single, two]).splitlines()
     assert len(rows) == 4
     assert "r0: 70 (6.00) / r1: 50 (7.00)" in rows[3] and "+2.50" in rows[3]
-    assert rows[3].split("|")[8].strip().startswith("4.17 / 0.83")  # 0.5 cores / 120 req/s
+    assert rows[3].split("|")[7].strip() == "1.00"  # end-to-end p50
+    assert rows[3].split("|")[9].strip().startswith("4.17 / 0.83")  # 0.5 cores / 120 req/s
     # others: the machine less every measured group
-    assert rows[2].split("|")[9].strip().endswith("0.20 / 1.00")
+    assert rows[2].split("|")[10].strip().endswith("0.20 / 1.00")
     assert "| single | 0.50 /" in idle_table({"single": cores, "2": {}})
 
 
