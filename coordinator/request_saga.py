@@ -6,7 +6,9 @@ Entering a :class:`RequestSaga` admits the request, each step undone if a later 
 2. the key's spend limit admits its maximum cost;
 3. the in-memory credit estimate admits it (``coordinator.billing.admission``); or, for
    replicas (``SagaParts.hold_first``), the durable hold of the maximum cost is placed now, since
-   one process's estimate cannot see the holds of the others (about 5 ms more before dispatch).
+   one process's estimate cannot see the holds of the others (2 to 3 ms more to the first token
+   alone; under load the hold waits for a ledger batch: tens of ms at 64 in flight, see
+   docs/benchmarks.md, "Replicas").
 
 The service then dispatches the job and hands the running completion to
 :meth:`RequestSaga.attach`: once its first delta reached the buyer, the completion places the

@@ -3,9 +3,9 @@
 Every candidate (a miner of the model with a free slot, not tried yet for this job, trust above
 zero) gets a score, and one is drawn at random with probability proportional to it:
 
-    default:             score = trust x (free_share x speed) ** SHARPNESS
-    sort="latency":      score = trust x ttft_rel ** SORT_SHARPNESS
-    sort="throughput":   score = trust x rate_rel ** SORT_SHARPNESS
+    default:             score = trust x near x (free_share x speed) ** SHARPNESS
+    sort="latency":      score = trust x near x ttft_rel ** SORT_SHARPNESS
+    sort="throughput":   score = trust x near x rate_rel ** SORT_SHARPNESS
     sort="price":        the default (below)
 
 - ``free_share`` = free slots / slots: load spreads by the share of each miner's capacity in
@@ -25,6 +25,10 @@ zero) gets a score, and one is drawn at random with probability proportional to 
   idle, which keeps its figures fresh; once the fast one fills up, free capacity takes over.
 - A ``sort`` asks for the best by one figure regardless of load (any free slot will do), but
   still at random among near-equal ones (SORT_SHARPNESS = 16: within 5%, about 70/30).
+- ``near`` is 1 for a miner connected to this process and REMOTE_WEIGHT for one reached
+  through another replica (``coordinator/replicas/``): the hop over NATS costs about 2 ms of
+  time to first token and CPU in two replicas, so among equals a local miner takes the job
+  twice as often, while a busy or slow local one still loses to a free, fast remote one.
 - Price: every miner of a model sells at the catalog price in this marketplace, so
   ``sort="price"`` has nothing to sort by and falls back to the default; ``max_price`` is
   checked once per request by the service, against the catalog.
@@ -45,6 +49,9 @@ SHARPNESS = 4
 
 SORT_SHARPNESS = 16
 """Exponent under ``provider.sort``: nearly strict, still random among near-equal miners."""
+
+REMOTE_WEIGHT = 0.5
+"""Share of a miner reached through another replica, against an equal local one."""
 
 LAST_CHECK_FAILED_TRUST = 0.5
 """Trust of a miner whose latest spot check failed (unconfirmed, or confirmed and not banned)."""
@@ -112,8 +119,9 @@ class Router:
             if worker.miner_id in exclude or worker.free_slots <= 0:
                 continue
             trust = min(1.0, max(0.0, self._trust(worker.miner_id)))
+            near = 1.0 if worker.is_local else REMOTE_WEIGHT
             if trust > 0:
-                eligible.append((worker, trust))
+                eligible.append((worker, trust * near))
         if not eligible:
             return []
         ttfts = [_ttft(worker) for worker, _ in eligible]

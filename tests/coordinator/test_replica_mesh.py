@@ -249,3 +249,11 @@ async def test_nats_unreachable_at_start_is_a_clear_error(catalog: Catalog) -> N
     ):
         async with ReplicaMesh.running(config, registry=MinerRegistry()):
             pass
+
+
+async def test_a_clean_shutdown_is_not_reported_as_a_lost_nats_link(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with ReplicaMesh.running(mesh_config(nats_server.url, "quiet"), registry=MinerRegistry()):
+        pass
+    assert "NATS link lost" not in caplog.text

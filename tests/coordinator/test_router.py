@@ -156,6 +156,21 @@ def test_trust_scales_the_share_and_zero_is_never_picked() -> None:
     assert router.pick([banned]) is None
 
 
+def test_a_local_miner_takes_twice_the_share_of_an_equal_remote_one() -> None:
+    local, remote = bare_session(), bare_session()
+    remote.is_local = False  # as a RemoteWorker is: reached through another replica
+    picked = shares(Router(rng=random.Random(5)), [local, remote])
+    assert 0.62 < picked[local] < 0.71  # 2:1
+
+
+def test_a_free_remote_miner_still_beats_a_busy_local_one() -> None:
+    local, remote = bare_session(max_concurrency=4), bare_session(max_concurrency=4)
+    remote.is_local = False
+    busy(local, 3)
+    picked = shares(Router(rng=random.Random(6)), [local, remote])
+    assert picked[remote] > 0.9
+
+
 def test_trust_from_spot_check_records() -> None:
     assert trust_from_record(TrustRecord("new")) == 1.0  # never checked: not starved
     passing = TrustRecord("ok", consecutive_valid=3, checks_run=3, checks_passed=3)
