@@ -11,6 +11,7 @@ CoordinatorError
 │   ├── RateLimitedError           the key's requests or tokens per minute are spent (429)
 │   └── SpendLimitError            the request could push the key past its spend limit (429)
 ├── NoMinerAvailableError          no connected miner can take the job now (503, Retry-After)
+├── StorageUnavailableError        PostgreSQL cannot be reached now; nothing charged (503)
 ├── UpstreamError                  the miner failed after tokens were streamed (SSE error event)
 │   └── MinerMisbehaved            its result contradicts its stream: unpaid (completion.py)
 │
@@ -126,6 +127,13 @@ class NoMinerAvailableError(CoordinatorError):
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StorageUnavailableError(CoordinatorError):
+    """The database cannot be reached now, so the request cannot be admitted; nothing was held
+    or charged. The buyer may retry after ``retry_after`` seconds."""
+
+    retry_after = 5
 
 
 class UpstreamError(CoordinatorError):

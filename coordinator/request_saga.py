@@ -28,6 +28,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import asyncpg
+
 from coordinator.api import Buyer, TextDelta
 from coordinator.billing.admission import Admission, CreditGuard, CreditsShortError
 from coordinator.billing.job_log import JobLog, JobRecord
@@ -36,7 +38,7 @@ from coordinator.billing.receipts import CreditedJob
 from coordinator.catalog import CatalogEntry
 from coordinator.completion import RunningCompletion
 from coordinator.dispatch.privacy import PrivacyPolicy
-from coordinator.errors import InsufficientCreditsError
+from coordinator.errors import InsufficientCreditsError, StorageUnavailableError
 from coordinator.jobs import Job
 from coordinator.ops.metrics import CoordinatorMetrics, RequestTimer
 from coordinator.verification.scoring import FinishedJob
@@ -137,6 +139,15 @@ class RequestSaga:
         self._completion: TimedCompletion | None = None
 
     async def __aenter__(self) -> RequestSaga:
+        try:
+            return await self._enter()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            logger.warning("request of key %s: the database failed: %r", self._buyer.key_id, error)
+            raise StorageUnavailableError(
+                "the marketplace's database cannot be reached right now; nothing was charged"
+            ) from error
+
+    async def _enter(self) -> RequestSaga:
         parts, job = self._parts, self._job
         if parts.limits is not None:
             tokens = len(job.prompt_token_ids) + job.sampling.max_tokens

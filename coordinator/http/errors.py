@@ -33,6 +33,7 @@ from coordinator.errors import (
     RateLimitState,
     RequestError,
     SpendLimitError,
+    StorageUnavailableError,
     UpstreamError,
 )
 
@@ -110,6 +111,14 @@ def http_error_for(exc: CoordinatorError) -> HttpError:
             message,
             "service_unavailable",
             code="no_miner_available",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, StorageUnavailableError):
+        return HttpError(
+            503,
+            message,
+            "service_unavailable",
+            code="storage_unavailable",
             headers={"Retry-After": str(exc.retry_after)},
         )
     if isinstance(exc, UpstreamError):

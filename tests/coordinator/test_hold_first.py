@@ -8,15 +8,22 @@ request, and the hold is released when nothing was delivered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 import pytest
 
 from coordinator.catalog import Catalog
-from coordinator.errors import InsufficientCreditsError, NoMinerAvailableError
+from coordinator.errors import (
+    InsufficientCreditsError,
+    NoMinerAvailableError,
+    StorageUnavailableError,
+)
+from coordinator.http.errors import http_error_for
 from ledger.entry import EntryKind
 from ledger.interface import ESCROW
+from ledger.postgres import PostgresLedger
 from tests.coordinator.core_fakes import (
     WAIT_S,
     play_job,
@@ -75,3 +82,33 @@ async def test_a_request_no_miner_took_releases_its_hold(market: Market) -> None
             pass
     assert await market.ledger.balance(market.account) == CREDIT
     assert await market.ledger.balance(ESCROW) == 0
+
+
+class _DatabaseDown:
+    """The real ledger, except that placing a hold finds the database unreachable."""
+
+    def __init__(self, ledger: PostgresLedger) -> None:
+        self._ledger = ledger
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._ledger, name)
+
+    async def hold(self, *args: object, **kwargs: object) -> object:
+        raise ConnectionRefusedError("connection refused")
+
+
+async def test_a_database_that_cannot_be_reached_is_a_clean_503_and_nothing_is_sent(
+    market: Market,
+) -> None:
+    await market.ledger.mint(market.account, CREDIT)
+    service = market.service
+    service._saga_parts = dataclasses.replace(
+        service._saga_parts, ledger=_DatabaseDown(market.ledger)
+    )
+    with pytest.raises(StorageUnavailableError, match="nothing was charged") as refused:
+        async with service.complete(market.buyer, chat(max_tokens=8)):
+            pytest.fail("the completion started")
+    error = http_error_for(refused.value)
+    assert error.status == 503 and error.headers["Retry-After"] == "5"
+    assert market.session.outbox.empty()  # the miner never saw the job
+    assert await market.ledger.balance(market.account) == CREDIT
