@@ -31,7 +31,7 @@ from miner.config import (
     parse_model_spec,
 )
 from miner.engine.base import Engine, EngineLoader, ModelLoadError
-from miner.errors import IdentityError, MinerRefusedError
+from miner.errors import IdentityError, MinerError, MinerRefusedError
 from miner.identity import Identity, load_or_create_identity
 from miner.tls import CoordinatorTls, channel_credentials
 from miner.witness_store import WitnessError
@@ -51,7 +51,7 @@ EXIT_REFUSED = 3
 EXIT_INTERRUPTED = 130
 
 
-class _UsageError(Exception):
+class _UsageError(MinerError):
     """A bad argument, reported in one line with exit status 2."""
 
 

@@ -5,7 +5,9 @@ MinerError
 ├── MinerRefusedError    the coordinator refused this miner for a reason retrying cannot fix
 ├── ConnectionLostError  one connection ended (never escapes ``MinerDaemon.run``: it reconnects)
 │   └── TlsHandshakeError    ... because TLS failed (logged once a minute, miner/tls.py)
-└── WitnessError         the ledger witness's files are unusable (miner/witness_store.py)
+├── WitnessError         the ledger witness's files are unusable (miner/witness_store.py)
+├── PackagedModelMissingError  a model wheel is not installed (miner/packaged_models.py)
+└── _UsageError          a bad command-line value, exit status 2 (miner/cli.py)
 """
 
 from __future__ import annotations

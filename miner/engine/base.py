@@ -129,7 +129,9 @@ class EngineError(Exception):
 
     EngineError
     ├── ModelLoadError     the model directory is missing, incomplete or unsupported
-    └── GenerationError    a request could not be served (e.g. prompt longer than the context)
+    ├── GenerationError    a request could not be served (e.g. prompt longer than the context)
+    └── UnsupportedModelError  the model cannot run over the paged KV cache (model_runner.py;
+                               the torch engine reports it as a ModelLoadError)
     """
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from miner.engine.base import EngineError
 from miner.engine.kv_cache import NULL_BLOCK, BlockPool, PagedKVCache
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class Row:
     blocks: Sequence[int]  # the sequence's block table; it covers every position fed
 
 
-class UnsupportedModelError(Exception):
+class UnsupportedModelError(EngineError):
     """The model cannot run over the paged cache (see :meth:`ModelRunner.self_check`)."""
 
 
