@@ -311,20 +311,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def served_model_dir(model_dir: Path | None, work: Path) -> Path:
+    """``model_dir`` (absolute), or a fresh random test model under ``work`` when None."""
+    if model_dir is None:
+        model_dir = work / "model"
+        subprocess.run(
+            [str(BIN / "meshmint-miner"), "create-test-model", str(model_dir)],
+            check=True,
+            capture_output=True,
+        )
+    return model_dir.resolve()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     unwind_on_signals()
     load_before = load_average(warn=True)
     with tempfile.TemporaryDirectory(prefix="meshmint-load-") as temp:
         work = Path(temp)
-        if args.model_dir is None:
-            args.model_dir = work / "model"
-            subprocess.run(
-                [str(BIN / "meshmint-miner"), "create-test-model", str(args.model_dir)],
-                check=True,
-                capture_output=True,
-            )
-        args.model_dir = args.model_dir.resolve()
+        args.model_dir = served_model_dir(args.model_dir, work)
         print(
             f"model {args.model_dir}, {args.tokens} tokens per job, {args.duration:g} s per level "
             f"after {args.warmup:g} s warm-up, {args.generators} generator process(es), "

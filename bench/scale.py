@@ -53,7 +53,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]  # installed with pgserver; no stubs here
 
 from bench.common import load_average, positive_ints, unwind_on_signals
-from bench.load import run_generators
+from bench.load import run_generators, served_model_dir
 from bench.load_stack import (
     CREDITS,
     PRICES,
@@ -480,14 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average(warn=True)
     with tempfile.TemporaryDirectory(prefix="meshmint-scale-") as temp:
         work = Path(temp)
-        if args.model_dir is None:
-            args.model_dir = work / "model"
-            subprocess.run(
-                [str(BIN / "meshmint-miner"), "create-test-model", str(args.model_dir)],
-                check=True,
-                capture_output=True,
-            )
-        args.model_dir = args.model_dir.resolve()
+        args.model_dir = served_model_dir(args.model_dir, work)
         print(
             f"model {args.model_dir}, {args.tokens} tokens per job, {args.duration:g} s per level "
             f"after {args.warmup:g} s warm-up, {args.generators} generator process(es), "

@@ -7,7 +7,8 @@ must UNLISTEN before it gives its connection back, or drop the connection instea
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any, TypeAlias
 
@@ -16,6 +17,8 @@ from asyncpg.pool import PoolConnectionProxy
 
 _Connection: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 _AnyConnection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+logger = logging.getLogger(__name__)
 
 PING_TIMEOUT_S = 5.0  # a listening connection that cannot answer SELECT 1 in this is lost
 _CLOSE_TIMEOUT_S = 5.0  # UNLISTEN at shutdown; past it the connection is dropped instead
@@ -93,3 +96,50 @@ class ChannelListener:
 
     def _terminated(self, _connection: _AnyConnection) -> None:
         self._lost.set()
+
+
+async def follow(
+    pool: asyncpg.Pool,
+    *,
+    channel: str,
+    reload: Callable[[frozenset[str] | None], Awaitable[object]],
+    refresh_s: float,
+    what: str,
+    on_reload_failure: Callable[[Exception], None],
+) -> None:
+    """Keeps a cache current until cancelled: LISTENs on ``channel`` and calls ``reload`` with
+    the payloads announced since its last call, or with None every ``refresh_s`` without one
+    (the backstop for a listener that is down). A reload that fails is told to
+    ``on_reload_failure`` and drops the listener, which is opened again on the next round."""
+    announced: set[str] = set()
+    wake = asyncio.Event()
+
+    def notified(payload: str) -> None:
+        announced.add(payload)
+        wake.set()
+
+    listener: ChannelListener | None = None
+    try:
+        while True:
+            if listener is None:
+                try:
+                    listener = await ChannelListener.open(pool, channel=channel, on_notify=notified)
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                    logger.warning(
+                        "cannot listen for %s (%r); reloading every %g s", what, e, refresh_s
+                    )
+            with suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), refresh_s)
+            wake.clear()
+            payloads = frozenset(announced) or None
+            announced.clear()
+            try:
+                await reload(payloads)
+            except Exception as error:  # the database is gone, or a bug: the caller decides
+                on_reload_failure(error)
+                if listener is not None:
+                    await listener.close(healthy=False)
+                    listener = None
+    finally:
+        if listener is not None:
+            await listener.close(healthy=True)

@@ -139,6 +139,16 @@ class Worker(Protocol):
         ...
 
 
+def serves(worker: Worker, model: str) -> bool:
+    """Connected, not draining, and serving ``model``, busy or not."""
+    return worker.closed_reason is None and not worker.draining and model in worker.models
+
+
+def can_take(worker: Worker, model: str) -> bool:
+    """:func:`serves` ``model`` and has a free slot now: what every ``Worker.accepts`` says."""
+    return serves(worker, model) and worker.free_slots > 0
+
+
 class JobStream:
     """Events of one job on one worker, in arrival order, with the times the router needs."""
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import asyncpg
 
-from coordinator.pg_listener import ChannelListener
+from coordinator.pg_listener import follow
 
 if TYPE_CHECKING:
     from coordinator.worker import Worker
@@ -107,7 +107,6 @@ class VettedMiners:
         self._pool = pool
         self._refresh_s = refresh_s  # backstop reload period while watching
         self._ids: frozenset[str] = frozenset()
-        self._changed = asyncio.Event()
 
     @classmethod
     async def create(cls, pool: asyncpg.Pool, *, refresh_s: float = 5.0) -> VettedMiners:
@@ -147,47 +146,25 @@ class VettedMiners:
     async def watching(self) -> AsyncIterator[None]:
         """Keeps the in-memory set current while the context runs (see the module docstring)."""
         await self.load()
-        task = asyncio.create_task(self._watch(), name="meshmint-vetted-watcher")
+        task = asyncio.create_task(
+            follow(
+                self._pool,
+                channel=CHANNEL,
+                reload=lambda _: self.load(),  # any change: the whole (small) set again
+                refresh_s=self._refresh_s,
+                what="vetting changes",
+                on_reload_failure=self._reload_failed,
+            ),
+            name="meshmint-vetted-watcher",
+        )
         try:
             yield
         finally:
             task.cancel()
             await asyncio.wait([task])
 
-    async def _watch(self) -> None:
-        listener: ChannelListener | None = None
-        try:
-            while True:
-                if listener is None:
-                    listener = await self._try_listen()
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self._refresh_s)
-                self._changed.clear()
-                try:
-                    await self.load()
-                except Exception as error:  # the database is gone, or a bug: fail closed
-                    # An unvetting this process cannot see must not be ignored: until a reload
-                    # succeeds nobody counts as vetted (vetted-only requests get a 503).
-                    self._ids = frozenset()
-                    logger.warning(
-                        "cannot reload the vetted miners (%r); treating none as vetted", error
-                    )
-                    if listener is not None:
-                        await listener.close(healthy=False)
-                        listener = None
-        finally:
-            if listener is not None:
-                await listener.close(healthy=True)
-
-    async def _try_listen(self) -> ChannelListener | None:
-        try:
-            return await ChannelListener.open(
-                self._pool, channel=CHANNEL, on_notify=lambda _: self._changed.set()
-            )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            logger.warning(
-                "cannot listen for vetting changes (%r); reloading every %g s",
-                error,
-                self._refresh_s,
-            )
-            return None
+    def _reload_failed(self, error: Exception) -> None:
+        # An unvetting this process cannot see must not be ignored: until a reload succeeds
+        # nobody counts as vetted (vetted-only requests get a 503). Fail closed, whatever broke.
+        self._ids = frozenset()
+        logger.warning("cannot reload the vetted miners (%r); treating none as vetted", error)

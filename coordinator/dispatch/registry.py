@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from coordinator.worker import Worker
+from coordinator.worker import Worker, serves
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,7 @@ class MinerRegistry:
 
     def serving(self, model: str) -> list[Worker]:
         """Workers that serve ``model``, busy or not (draining and closed ones excluded)."""
-        return [
-            worker
-            for worker in self._workers.values()
-            if model in worker.models and not worker.draining and worker.closed_reason is None
-        ]
+        return [worker for worker in self._workers.values() if serves(worker, model)]
 
     def available(self, model: str) -> list[Worker]:
         """Workers that can take a job for ``model`` now."""

@@ -29,6 +29,7 @@ from coordinator.worker import (
     ScorerLost,
     SlashNotice,
     Worker,
+    can_take,
 )
 from proto import miner_pb2
 from proto.limits import MAX_TOKENS_PER_CHUNK, MAX_TOP_LOGPROB_TOKENS_PER_CHUNK
@@ -91,12 +92,7 @@ class MinerSession:
         return self.max_concurrency - len(self._jobs)
 
     def accepts(self, model: str) -> bool:
-        return (
-            self.closed_reason is None
-            and not self.draining
-            and model in self.models
-            and self.free_slots > 0
-        )
+        return can_take(self, model)
 
     def start_job(self, job: Job) -> JobStream:
         stream = JobStream(job)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,8 +272,9 @@ class ReplicaMesh:
     async def _capacity_loop(self) -> None:
         interval = self._config.capacity_interval_s
         while True:
+            relayed = self._relay.jobs_by_origin()
             workers = [
-                self._state(w)
+                self._state(w, relayed.get(w.miner_id, {}))
                 for w in self._registry.workers()
                 if w.is_local and w.closed_reason is None
             ]
@@ -286,7 +287,7 @@ class ReplicaMesh:
                     self._forget_replica(home, f"replica {home} went silent")
             await asyncio.sleep(interval)
 
-    def _state(self, worker: Worker) -> Document:
+    def _state(self, worker: Worker, relayed: Mapping[str, int]) -> Document:
         return WorkerState(
             miner_id=worker.miner_id,
             public_key=worker.public_key,
@@ -296,7 +297,7 @@ class ReplicaMesh:
             retains_data=worker.retains_data,
             max_concurrency=worker.max_concurrency,
             active_jobs=worker.active_jobs,
-            jobs_by_origin=self._relay.jobs_by_origin(worker.miner_id),
+            jobs_by_origin=relayed,
             draining=worker.draining,
             ttft_s=worker.speed.ttft_s,
             tokens_per_s=worker.speed.tokens_per_s,

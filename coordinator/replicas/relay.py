@@ -46,12 +46,12 @@ class Relay:
         # (origin, job id) -> the forwarding task and the miner running it
         self._jobs: dict[tuple[str, str], tuple[asyncio.Task[None], Worker]] = {}
 
-    def jobs_by_origin(self, miner_id: str) -> Mapping[str, int]:
-        """How many of ``miner_id``'s jobs each other replica asked for."""
-        counts: dict[str, int] = {}
+    def jobs_by_origin(self) -> Mapping[str, Mapping[str, int]]:
+        """Per miner here, how many of its jobs each other replica asked for (one pass)."""
+        counts: dict[str, dict[str, int]] = {}
         for (origin, _), (_, worker) in self._jobs.items():
-            if worker.miner_id == miner_id:
-                counts[origin] = counts.get(origin, 0) + 1
+            per_origin = counts.setdefault(worker.miner_id, {})
+            per_origin[origin] = per_origin.get(origin, 0) + 1
         return counts
 
     def _local(self, miner_id: str) -> Worker | None:
@@ -96,7 +96,7 @@ class Relay:
     def cancel(self, document: Document) -> None:
         """The asking replica stops a job (``abandon``: and wants nothing more of it)."""
         key = (str(document.get("origin", "")), str(document.get("job_id", "")))
-        entry = self._jobs.get(key) or self._find(key[1])
+        entry = self._jobs.get(key)
         if entry is None:
             return
         task, worker = entry
@@ -105,12 +105,6 @@ class Relay:
             task.cancel()
         else:
             worker.cancel_job(key[1])
-
-    def _find(self, job_id: str) -> tuple[asyncio.Task[None], Worker] | None:
-        for (_, candidate), entry in self._jobs.items():
-            if candidate == job_id:
-                return entry
-        return None
 
     def origin_gone(self, origin: str) -> None:
         """Replica ``origin`` went silent: its jobs here are abandoned."""

@@ -30,6 +30,7 @@ from coordinator.worker import (
     ScorerLost,
     SlashNotice,
     Worker,
+    can_take,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,26 +102,13 @@ class RemoteWorker:
         return self.max_concurrency - self.active_jobs
 
     def accepts(self, model: str) -> bool:
-        return (
-            self.closed_reason is None
-            and not self.draining
-            and model in self.models
-            and self.free_slots > 0
-        )
+        return can_take(self, model)
 
     def start_job(self, job: Job) -> JobStream:
         stream = JobStream(job)
         self._jobs[job.job_id] = stream
         self._link.expect_events(job.job_id, lambda event: self._deliver(stream, event))
-        self._link.send(
-            self.home,
-            "job",
-            {
-                "miner": self.miner_id,
-                "origin": self._link.replica_id,
-                "job": codec.job_document(job),
-            },
-        )
+        self._link.send(self.home, "job", {"miner": self.miner_id, "job": codec.job_document(job)})
         return stream
 
     def _deliver(self, stream: JobStream, event: JobEvent) -> None:

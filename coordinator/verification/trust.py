@@ -18,13 +18,13 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
-from coordinator.pg_listener import ChannelListener
+from coordinator.pg_listener import follow
 from coordinator.verification.judge import PooledStats
 
 logger = logging.getLogger(__name__)
@@ -193,49 +193,29 @@ class TrustStore:
     @asynccontextmanager
     async def watching(self, *, refresh_s: float = 10.0) -> AsyncIterator[None]:
         """Keeps the cache current with other processes' saves while the block runs."""
-        changed: set[str] = set()
-        wake = asyncio.Event()
-
-        def announced(miner_id: str) -> None:
-            changed.add(miner_id)
-            wake.set()
-
-        async def watch() -> None:
-            listener: ChannelListener | None = None
-            try:
-                while True:
-                    if listener is None:
-                        with suppress(OSError, TimeoutError, asyncpg.PostgresError):
-                            listener = await ChannelListener.open(
-                                self._pool, channel=CHANNEL, on_notify=announced
-                            )
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(wake.wait(), refresh_s)
-                    wake.clear()
-                    ids = sorted(changed) if changed else None  # None: the backstop, all
-                    changed.clear()
-                    try:
-                        await self._reload(ids)
-                    except (OSError, asyncpg.PostgresError) as error:
-                        logger.warning("cannot reload trust records (%r); retrying", error)
-                        if listener is not None:
-                            await listener.close(healthy=False)
-                            listener = None
-            finally:
-                if listener is not None:
-                    await listener.close(healthy=True)
-
-        task = asyncio.create_task(watch(), name="meshmint-trust-watcher")
+        task = asyncio.create_task(
+            follow(
+                self._pool,
+                channel=CHANNEL,
+                reload=self._reload,  # the announced identities, or all for the backstop
+                refresh_s=refresh_s,
+                what="trust changes",
+                on_reload_failure=lambda error: logger.warning(
+                    "cannot reload trust records (%r); retrying", error
+                ),
+            ),
+            name="meshmint-trust-watcher",
+        )
         try:
             yield
         finally:
             task.cancel()
             await asyncio.wait([task])
 
-    async def _reload(self, miner_ids: Sequence[str] | None) -> None:
+    async def _reload(self, miner_ids: frozenset[str] | None) -> None:
         rows = await self._pool.fetch(
             "SELECT * FROM verification_identities WHERE $1::text[] IS NULL OR miner_id = ANY($1)",
-            miner_ids,
+            None if miner_ids is None else sorted(miner_ids),
         )
         async with self.lock:  # never swap a record this process is updating
             for row in rows:
