@@ -78,9 +78,11 @@ def cluster_of(
         started.append(a)
         b = start_replica(tmp, names[1], database_url=database_url, model_dir=model_dir, nats=nats)
         started.append(b)
-        # The miner dials A, and moves to B when A is gone (--coordinator A,B).
+        # The miner dials A, and moves to B when A is gone (--coordinator A,B). Its slots cover
+        # the tests' concurrency: two replicas racing for a single miner's last slot is a 503
+        # when no other miner can take the job (see the dispatcher), which is not under test here.
         both = dataclasses.replace(a, grpc_address=f"{a.grpc_address},{b.grpc_address}")
-        start_miner(both, tmp, name="miner", models={"tiny": model_dir}, max_concurrency=4)
+        start_miner(both, tmp, name="miner", models={"tiny": model_dir}, max_concurrency=16)
         _, probe = create_key(database_url, credits_micro=0, name="probe")
         wait_for_miners(b, probe, "tiny", 1)  # B routes to the miner connected to A
         yield Cluster(a, b, nats, database_url)
